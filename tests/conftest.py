@@ -1,0 +1,34 @@
+import copy
+
+import pytest
+import torch
+
+import visionpeft as vp
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def perturb(model, std=0.1):
+    """Give every adapter parameter a non-zero random value so that the adapter has an effect."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".vp_adapters." in f".{name}":
+                param.add_(torch.randn_like(param) * std)
+    return model
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / (b.abs().max() + 1e-12)).item()
+
+
+def roundtrip(model, tmp_path, fresh):
+    """save ``model`` and load it into ``fresh``; returns ``fresh``."""
+    vp.save(model, tmp_path / "adapter")
+    return vp.load(fresh, tmp_path / "adapter")
+
+
+def clone(model):
+    return copy.deepcopy(model)

@@ -1,0 +1,238 @@
+"""The public operations on a model: attach, merge, unmerge, detach, and the training hooks.
+
+Attaching is planned first (every input validated, every adapter module built) and installed
+after, so a bad call leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from visionpeft.layers.adapted import AdaptedLayer, adapt, is_adapted, restore
+from visionpeft.layers.kinds import Slot
+from visionpeft.methods.base import Method, get_method, resolve_options
+from visionpeft.targeting import Target, match_module_names, resolve_targets
+
+RECORDS_ATTR = "_vp_records"
+TRAINABLE_BEFORE_ATTR = "_vp_trainable_before"
+
+
+@dataclasses.dataclass
+class AdapterRecord:
+    """What was attached under one adapter name: enough to attach it again (``vp.load``)."""
+
+    name: str
+    method: str
+    options: dict[str, Any]
+    layers: dict[str, list[str]]
+    unfreeze: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Plan:
+    record: AdapterRecord
+    targets: list[Target]
+    instances: dict[str, dict[str, nn.Module]]  # layer -> slot -> Method or ModuleList of Methods
+    slots: dict[str, dict[str, Slot]]
+
+
+def records(model: nn.Module) -> dict[str, AdapterRecord]:
+    return model.__dict__.get(RECORDS_ATTR, {})
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if is_adapted(module):
+            yield name, module
+
+
+def _check_name(model: nn.Module, name: Any, targets: list[Target]) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"adapter name {name!r} is invalid; use a Python identifier such as 'default'")
+    taken = [t.name for t in targets if is_adapted(t.module) and name in t.module.vp_adapters]
+    if name in records(model) or taken:
+        where = f" (already on {', '.join(taken[:3])})" if taken else ""
+        raise ValueError(f"an adapter named {name!r} is already attached{where}; attached: "
+                         f"{', '.join(records(model)) or '(none)'}. Pick another name or detach it first")
+
+
+def _split(slot: Slot, weight: torch.Tensor) -> list[tuple[Slot, torch.Tensor]]:
+    parts = weight.split(slot.blocks, dim=0)
+    return [(dataclasses.replace(slot, label=f"{slot.label}.{i}", shape=tuple(p.shape), blocks=()), p)
+            for i, p in enumerate(parts)]
+
+
+def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfreeze: list[str],
+         options: dict[str, Any]) -> Plan:
+    cls = get_method(method)
+    resolved = resolve_options(cls, options)
+    _check_name(model, name, targets)
+    entries: list[tuple[str, str, Slot, torch.Tensor, int | None]] = []
+    slots: dict[str, dict[str, Slot]] = {}
+    for target in targets:
+        slots[target.name] = {}
+        for slot_name in target.slots:
+            slot = target.kind.slot(target.module, slot_name, target.name)
+            weight = target.kind.read(target.module, slot_name).detach()
+            slots[target.name][slot_name] = slot
+            if cls.split_fused and slot.blocks:
+                for i, (block, part) in enumerate(_split(slot, weight)):
+                    entries.append((target.name, slot_name, block, part, i))
+            else:
+                entries.append((target.name, slot_name, slot, weight, None))
+    per_slot = cls.prepare([(f"{layer}:{s.label}", s, w) for layer, _, s, w, _ in entries], resolved)
+    instances: dict[str, dict[str, nn.Module]] = defaultdict(dict)
+    for (layer, slot_name, slot, _, block), opts in zip(entries, per_slot):
+        try:
+            instance = cls(slot, **opts)
+        except ValueError as err:
+            raise ValueError(f"{cls.name} on {layer}:{slot.label}: {err}") from None
+        if block is None:
+            instances[layer][slot_name] = instance
+        else:
+            instances[layer].setdefault(slot_name, nn.ModuleList()).append(instance)
+    record = AdapterRecord(name=name, method=cls.name, options=resolved,
+                           layers={t.name: list(t.slots) for t in targets}, unfreeze=list(unfreeze))
+    return Plan(record, targets, dict(instances), slots)
+
+
+def install(model: nn.Module, plan: Plan) -> None:
+    # recorded once, before the first adapter, so that detach can restore it
+    model.__dict__.setdefault(TRAINABLE_BEFORE_ATTR, {n for n, p in model.named_parameters() if p.requires_grad})
+    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.vp_adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+    for target in plan.targets:
+        layer = adapt(target.module, target.kind, plan.slots[target.name])
+        layer.vp_adapters[plan.record.name] = nn.ModuleDict(plan.instances[target.name])
+    modules = dict(model.named_modules())
+    for name in plan.record.unfreeze:
+        modules[name].requires_grad_(True)
+    model.__dict__.setdefault(RECORDS_ATTR, {})[plan.record.name] = plan.record
+
+
+def attach(model: nn.Module, method: str, *, targets: Any = None, unfreeze: Any = (), name: str = "default",
+           **options: Any) -> nn.Module:
+    """Add ``method``'s adapter to the selected layers of ``model``, in place, and return ``model``.
+
+    Every base parameter is frozen; afterwards only the adapter's parameters and those of the
+    modules named in ``unfreeze`` are trainable. The output is unchanged by attaching.
+
+    Args:
+        model: any ``nn.Module``.
+        method: a name from :func:`methods` (``"lora"``, ...).
+        targets: ``None`` for the family preset (every weight of the repeated blocks), a list of
+            module names (exact or dotted suffix), a regular expression (full match), or a module
+            class / list of classes.
+        unfreeze: module names trained fully and saved with the adapter (e.g. ``["head"]``).
+        name: the adapter's name; several adapters may be attached under different names.
+        **options: the method's hyper-parameters (``rank``, ``alpha``, ``dropout``, ...).
+
+    Raises:
+        ValueError: unknown method or option, bad value, targets that match nothing, or a name
+            already attached. The model is left untouched.
+    """
+    get_method(method)  # the method's name is checked before anything else
+    chosen = resolve_targets(model, targets)
+    unfrozen = match_module_names(model, unfreeze, "unfreeze") if unfreeze else []
+    install(model, plan(model, method, chosen, name, unfrozen, options))
+    return model
+
+
+def _methods(model: nn.Module) -> Iterator[tuple[str, Method]]:
+    for _, layer in adapted_layers(model):
+        for adapter, _, method in layer.vp_methods():
+            yield adapter, method
+
+
+def merge(model: nn.Module, scale: float = 1.0) -> nn.Module:
+    """Fold every unmerged adapter into the base weights (computed in float32, cast back).
+
+    With ``scale=1`` the forward is unchanged; other values set the adapter's strength.
+    """
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale={scale!r} must be a number")
+    for _, layer in adapted_layers(model):
+        for adapter in layer.vp_adapters:
+            if adapter not in layer._vp_merged:
+                layer.vp_merge(adapter, float(scale))
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`; the forward is unchanged."""
+    for _, layer in adapted_layers(model):
+        for adapter in list(layer._vp_merged):
+            layer.vp_unmerge(adapter)
+    return model
+
+
+def detach(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every adapter and give each layer back its original class.
+
+    ``merge=True`` keeps the adapted behaviour folded into the weights; ``merge=False`` restores the
+    original model (merged adapters are taken out again). Trainability flags are restored as they
+    were before the first attach.
+    """
+    for _, layer in list(adapted_layers(model)):
+        for adapter in layer.vp_adapters:
+            merged = adapter in layer._vp_merged
+            if merge and not merged:
+                layer.vp_merge(adapter, 1.0)
+            elif not merge and merged:
+                layer.vp_unmerge(adapter)
+        restore(layer)
+    trainable = model.__dict__.pop(TRAINABLE_BEFORE_ATTR, None)
+    if trainable is not None:
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name in trainable)
+    model.__dict__.pop(RECORDS_ATTR, None)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters an optimizer should receive: every parameter that requires grad."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _by_method(model: nn.Module) -> dict[tuple[str, type], list[Method]]:
+    groups: dict[tuple[str, type], list[Method]] = defaultdict(list)
+    for adapter, method in _methods(model):
+        groups[(adapter, type(method))].append(method)
+    return groups
+
+
+def regularization(model: nn.Module) -> torch.Tensor:
+    """The sum of the attached methods' penalties (a 0-dim tensor; zero when none has one)."""
+    total = None
+    for (_, cls), instances in _by_method(model).items():
+        term = cls.model_penalty(instances)
+        if term is not None:
+            total = term if total is None else total + term
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return total
+
+
+def step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Advance the methods' schedules (sparsity allocation, re-selection) to ``step`` of ``total_steps``."""
+    if not isinstance(step, int) or not isinstance(total_steps, int) or total_steps < 1 or not 0 <= step <= total_steps:
+        raise ValueError(f"step={step!r}, total_steps={total_steps!r}: need ints with 0 <= step <= total_steps, total_steps >= 1")
+    for (_, cls), instances in _by_method(model).items():
+        cls.model_step(instances, step, total_steps)
+
+
+def methods() -> list[str]:
+    """Every registered method name (aliases included)."""
+    from visionpeft.methods.base import registered_names
+
+    return registered_names()

@@ -1,0 +1,205 @@
+"""Adapters on disk: ``adapter.safetensors`` (tensors) + ``adapter.json`` (what to attach again).
+
+Writes are atomic (temporary file, then rename); the JSON carries the SHA-256 of the tensor file so
+a corrupt or mixed pair is refused. Loading validates everything, and builds every adapter
+module, before the model is touched; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visionpeft.core import AdapterRecord, Plan, install, plan, records
+from visionpeft.layers.adapted import ADAPTERS_ATTR, layer_kind
+from visionpeft.targeting import Target
+
+FORMAT = "visionpeft-adapter"
+FORMAT_VERSION = 1
+TENSORS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+
+
+def _version() -> str:
+    from visionpeft import __version__
+
+    return __version__
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors and the unfrozen modules' tensors, under the model's own keys."""
+    unfrozen = sorted({m for r in records(model).values() for m in r.unfreeze})
+    state = {}
+    for key, value in model.state_dict(keep_vars=False).items():
+        parts = key.split(".")
+        if ADAPTERS_ATTR in parts or any(key.startswith(m + ".") for m in unfrozen):
+            state[key] = value
+    return state
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the attached adapters (and unfrozen modules) to ``directory``, atomically per file."""
+    recs = records(model)
+    if not recs:
+        raise ValueError(f"{type(model).__name__} has no visionpeft adapter to save; call visionpeft.attach first")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save into {str(directory)!r}: it exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model).items()}
+    tensor_path = directory / TENSORS_FILE
+    _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _version(),
+        "model_class": type(model).__name__,
+        "adapters": [r.to_json() for r in recs.values()],
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "sha256": _sha256(tensor_path),
+    }
+    text = json.dumps(config, indent=2, sort_keys=False)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed and checked ``adapter.json`` of a saved adapter."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{str(directory / name)!r} is missing; a saved adapter has {CONFIG_FILE} and {TENSORS_FILE}")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(directory / CONFIG_FILE)!r} is corrupt (not JSON: {err})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{str(directory / CONFIG_FILE)!r} is not a visionpeft adapter (format is "
+                         f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{str(directory / CONFIG_FILE)!r} has format_version {config.get('format_version')!r}; "
+                         f"this visionpeft reads version {FORMAT_VERSION}")
+    if not isinstance(config.get("adapters"), list) or not config["adapters"]:
+        raise ValueError(f"{str(directory / CONFIG_FILE)!r} lists no adapters")
+    return config
+
+
+def _targets_from_layers(model: nn.Module, layers: dict[str, list[str]], adapter: str) -> list[Target]:
+    modules = dict(model.named_modules())
+    targets = []
+    for name, slot_names in layers.items():
+        module = modules.get(name)
+        kind = layer_kind(module) if module is not None else None
+        if kind is None:
+            found = "missing" if module is None else f"a {type(module).__name__} with no adaptable weight"
+            raise ValueError(f"adapter {adapter!r} was saved for another architecture: layer {name!r} is {found} "
+                             f"in this {type(model).__name__}")
+        unknown = [s for s in slot_names if s not in kind.slot_names(module)]
+        if unknown:
+            raise ValueError(f"adapter {adapter!r}: layer {name!r} has no weight slot(s) {unknown}; "
+                             f"it has {kind.slot_names(module)}")
+        targets.append(Target(name, module, kind, list(slot_names)))
+    return targets
+
+
+def _plan_from_record(model: nn.Module, raw: Any) -> Plan:
+    try:
+        record = AdapterRecord(**raw)
+    except TypeError as err:
+        raise ValueError(f"adapter.json has a malformed adapter entry: {err}") from None
+    targets = _targets_from_layers(model, record.layers, record.name)
+    modules = dict(model.named_modules())
+    missing = [m for m in record.unfreeze if m not in modules]
+    if missing:
+        raise ValueError(f"adapter {record.name!r} unfreezes module(s) {missing} that this model does not have")
+    return plan(model, record.method, targets, record.name, record.unfreeze, record.options)
+
+
+def _expected_state(model: nn.Module, plans: list[Plan]) -> dict[str, torch.Tensor]:
+    expected = {}
+    for p in plans:
+        for layer, slots in p.instances.items():
+            prefix = f"{layer}.{ADAPTERS_ATTR}.{p.record.name}." if layer else f"{ADAPTERS_ATTR}.{p.record.name}."
+            for key, value in nn.ModuleDict(slots).state_dict().items():
+                expected[prefix + key] = value
+    unfrozen = {m for p in plans for m in p.record.unfreeze}
+    for key, value in model.state_dict().items():
+        if any(key.startswith(m + ".") for m in unfrozen):
+            expected[key] = value
+    return expected
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the adapters saved in ``directory`` to ``model`` and load their tensors.
+
+    Raises FileNotFoundError or ValueError (missing, corrupt, foreign or mismatched adapter), in
+    which case ``model`` is left exactly as it was.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    tensor_path = directory / TENSORS_FILE
+    if _sha256(tensor_path) != config.get("sha256"):
+        raise ValueError(f"{str(tensor_path)!r} does not match {CONFIG_FILE} (checksum differs): the file is corrupt "
+                         f"or comes from another save")
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(tensor_path)!r} is corrupt: {err}") from None
+    plans = [_plan_from_record(model, raw) for raw in config["adapters"]]
+    expected = _expected_state(model, plans)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            details.append("shape mismatch " + ", ".join(
+                f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
+        raise ValueError(f"adapter in {str(directory)!r} does not fit this {type(model).__name__} "
+                         f"(other architecture or shapes): {'; '.join(details)}")
+    for p in plans:
+        for layer, slots in p.instances.items():
+            prefix = f"{layer}.{ADAPTERS_ATTR}.{p.record.name}." if layer else f"{ADAPTERS_ATTR}.{p.record.name}."
+            container = nn.ModuleDict(slots)
+            container.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model_state = dict(model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for key in expected:
+            if key in model_state and ADAPTERS_ATTR not in key.split("."):
+                model_state[key].copy_(tensors[key])
+    for p in plans:
+        install(model, p)
+    return model
+

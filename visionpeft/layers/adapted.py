@@ -1,0 +1,138 @@
+"""The one wrapper for every layer kind: the host module keeps its class (as a base), its
+parameters and its state_dict keys; adapters live under the new child ``vp_adapters``.
+
+Attaching swaps the module's class for a subclass ``Adapted<Class>`` whose forward runs the base
+op with ``W + ΔW`` (weight path) and/or adds a method's output delta (activation path). Detaching
+swaps the class back. ``isinstance`` checks of the host code keep working throughout.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from visionpeft.layers.kinds import LayerKind, Slot, kind_of
+
+ADAPTERS_ATTR = "vp_adapters"
+_CLASS_CACHE: dict[type, type] = {}
+
+
+class AdaptedLayer:
+    """Mixin placed before the host's class in the MRO of ``Adapted<Class>``."""
+
+    _vp_base_class: type
+    _vp_kind: LayerKind
+    _vp_slots: dict[str, Slot]
+    _vp_merged: dict[str, float]
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        base_forward = self._vp_base_class.forward
+        active = [(name, slots) for name, slots in self.vp_adapters.items() if name not in self._vp_merged]
+        if not active:
+            return base_forward(self, *args, **kwargs)
+        kind = self._vp_kind
+        x = args[0] if kind.single_input and args else None
+        weights: dict[str, torch.Tensor] = {}
+        output_deltas = []
+        for _, slots in active:
+            for slot_name, methods in slots.items():
+                slot = self._vp_slots[slot_name]
+                if isinstance(methods, nn.ModuleList):  # fused projection adapted per block
+                    base = weights.get(slot_name, kind.read(self, slot_name))
+                    parts = base.split(slot.block_split(), dim=0)
+                    weights[slot_name] = torch.cat([m.effective_weight(p) for m, p in zip(methods, parts)], dim=0)
+                elif x is not None and methods.uses_activation_path(slot):
+                    output_deltas.append((methods, slot))
+                else:
+                    base = weights.get(slot_name, kind.read(self, slot_name))
+                    weights[slot_name] = methods.effective_weight(base)
+        if weights:
+            out = kind.run(self, base_forward, args, kwargs, weights)
+        else:
+            out = base_forward(self, *args, **kwargs)
+        for method, slot in output_deltas:
+            out = method.add_output_delta(x, out, slot)
+        return out
+
+    # --- weights -----------------------------------------------------------------------------
+    def vp_delta(self, adapter: str, slot_name: str) -> torch.Tensor:
+        """The adapter's full delta for one slot in float32, fused blocks concatenated."""
+        methods = self.vp_adapters[adapter][slot_name]
+        if isinstance(methods, nn.ModuleList):
+            return torch.cat([m.delta().float() for m in methods], dim=0)
+        return methods.delta().float()
+
+    def vp_merge(self, adapter: str, scale: float) -> None:
+        self._vp_add_delta(adapter, scale)
+        self._vp_merged[adapter] = scale
+
+    def vp_unmerge(self, adapter: str) -> None:
+        scale = self._vp_merged.pop(adapter)
+        self._vp_add_delta(adapter, -scale)
+
+    @torch.no_grad()
+    def _vp_add_delta(self, adapter: str, scale: float) -> None:
+        for slot_name in self.vp_adapters[adapter]:
+            weight = self._vp_kind.read(self, slot_name)
+            delta = self.vp_delta(adapter, slot_name).to(weight.device)
+            self._vp_kind.write(self, slot_name, (weight.float() + scale * delta).to(weight.dtype))
+
+    def vp_methods(self) -> Iterator[tuple[str, str, nn.Module]]:
+        for adapter, slots in self.vp_adapters.items():
+            for slot_name, methods in slots.items():
+                for method in (methods if isinstance(methods, nn.ModuleList) else [methods]):
+                    yield adapter, slot_name, method
+
+    def extra_repr(self) -> str:
+        base = self._vp_base_class.extra_repr(self)
+        merged = f", merged={sorted(self._vp_merged)}" if self._vp_merged else ""
+        return f"{base}, adapters={list(self.vp_adapters)}{merged}"
+
+
+def _adapted_class(base: type) -> type:
+    cls = _CLASS_CACHE.get(base)
+    if cls is None:
+        name = f"Adapted{base.__name__}"
+        module_globals = vars(sys.modules[__name__])
+        if name in module_globals and getattr(module_globals[name], "_vp_base_class", None) is not base:
+            name = f"{name}_{len(_CLASS_CACHE)}"
+        cls = type(name, (AdaptedLayer, base), {"_vp_base_class": base, "__module__": __name__, "__qualname__": name})
+        module_globals[name] = cls  # importable by name, so pickling an adapted model works
+        _CLASS_CACHE[base] = cls
+    return cls
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(module, AdaptedLayer)
+
+
+def adapt(module: nn.Module, kind: LayerKind, slots: dict[str, Slot]) -> AdaptedLayer:
+    """Turn ``module`` into its adapted class in place (idempotent); returns it."""
+    if not is_adapted(module):
+        module.__class__ = _adapted_class(type(module))
+        module._vp_kind = kind
+        module._vp_slots = dict(slots)
+        module._vp_merged = {}
+        module.add_module(ADAPTERS_ATTR, nn.ModuleDict())
+    else:
+        module._vp_slots.update(slots)
+    return module
+
+
+def restore(module: AdaptedLayer) -> nn.Module:
+    """Back to the original class, with no adapters; the weights are left as they are."""
+    base = module._vp_base_class
+    del module._modules[ADAPTERS_ATTR]
+    for attr in ("_vp_kind", "_vp_slots", "_vp_merged"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = base
+    return module
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    if is_adapted(module):
+        return module._vp_kind
+    return kind_of(module)

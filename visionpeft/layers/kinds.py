@@ -1,0 +1,277 @@
+"""Layer kinds: how to read a module's adaptable weights and run its op with other weights.
+
+Every weight is exposed in a canonical orientation ``(out, in_per_group, *kernel)``: transformers'
+``Conv1D`` stores its weight transposed, and ``nn.MultiheadAttention`` keeps its projections as raw
+parameters. A method only ever sees a :class:`Slot`; the module stays behind the kind.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One adaptable weight: its canonical shape and the op that consumes it.
+
+    ``op`` is "linear" (y = x Wᵀ), "conv" (an N-d convolution with the geometry below) or "other"
+    (a weight used by a forward the kind cannot express as one of the two).
+    ``blocks`` lists the row sizes of a fused projection (q, k, v stacked), empty if not fused.
+    """
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    op: str = "other"
+    stride: tuple[int, ...] = ()
+    padding: Any = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    reversed_padding: tuple[int, ...] = ()
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Fan-in of one output unit (in_channels/groups times the kernel size for convs)."""
+        return math.prod(self.shape[1:])
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, groups: int | None = None) -> torch.Tensor:
+        """Apply this slot's op to ``x`` with ``weight`` (any number of output channels)."""
+        if self.op == "linear":
+            return F.linear(x, weight, bias)
+        if self.op != "conv":
+            raise TypeError(f"slot {self.label!r} has no functional op of its own")
+        conv = _CONV_FUNCTIONS[len(self.shape) - 2]
+        groups = self.groups if groups is None else groups
+        if self.padding_mode != "zeros":
+            padded = F.pad(x, self.reversed_padding, mode=self.padding_mode)
+            return conv(padded, weight, bias, self.stride, 0, self.dilation, groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def pointwise(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Map channels with a 1×1 op: ``weight`` is (out, rank) for linear, (out, rank, 1, ...) for conv."""
+        if self.op == "linear":
+            return F.linear(h, weight)
+        return _CONV_FUNCTIONS[len(self.shape) - 2](h, weight)
+
+    def block_split(self) -> tuple[int, ...]:
+        return self.blocks or (self.shape[0],)
+
+
+@contextlib.contextmanager
+def swapped_parameters(pairs: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Let ``module.<name>`` return a computed tensor while a stock forward runs."""
+    saved = [(module, name, module._parameters[name]) for module, name, _ in pairs]
+    try:
+        for module, name, tensor in pairs:
+            module._parameters[name] = tensor  # bypasses the Parameter type check on purpose
+        yield
+    finally:
+        for module, name, original in saved:
+            module._parameters[name] = original
+
+
+class LayerKind:
+    """How one family of modules exposes its weights; subclasses are stateless singletons."""
+
+    name = "layer"
+    #: the op takes one input tensor (first positional argument) that activation paths may use
+    single_input = False
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def slot_names(self, module: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def parameter(self, module: nn.Module, slot: str) -> tuple[nn.Module, str]:
+        """(owner module, parameter name) holding the slot's weight."""
+        raise NotImplementedError
+
+    def slot(self, module: nn.Module, slot: str, qualified_name: str = "") -> Slot:
+        weight = self.read(module, slot)
+        return Slot(label=slot, shape=tuple(weight.shape), dtype=weight.dtype, device=weight.device)
+
+    def read(self, module: nn.Module, slot: str) -> torch.Tensor:
+        owner, name = self.parameter(module, slot)
+        return getattr(owner, name)
+
+    def write(self, module: nn.Module, slot: str, canonical: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.read(module, slot).copy_(canonical)
+
+    def run(self, module: nn.Module, base_forward, args: tuple, kwargs: dict, weights: dict[str, torch.Tensor]) -> Any:
+        """The module's forward with some slots replaced by the given canonical weights."""
+        pairs = []
+        for slot, weight in weights.items():
+            owner, name = self.parameter(module, slot)
+            pairs.append((owner, name, self.to_storage(weight)))
+        with swapped_parameters(pairs):
+            return base_forward(module, *args, **kwargs)
+
+    def to_storage(self, canonical: torch.Tensor) -> torch.Tensor:
+        return canonical
+
+
+class LinearKind(LayerKind):
+    name = "Linear"
+    single_input = True
+
+    def matches(self, module):
+        return isinstance(module, nn.Linear)
+
+    def slot_names(self, module):
+        return ["weight"]
+
+    def parameter(self, module, slot):
+        return module, "weight"
+
+    def slot(self, module, slot, qualified_name=""):
+        w = module.weight
+        return Slot(label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="linear",
+                    blocks=fused_blocks(qualified_name, w.shape))
+
+    def run(self, module, base_forward, args, kwargs, weights):
+        return F.linear(args[0], weights["weight"], module.bias)
+
+
+class ConvKind(LayerKind):
+    name = "Conv"
+    single_input = True
+
+    def matches(self, module):
+        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    def slot_names(self, module):
+        return ["weight"]
+
+    def parameter(self, module, slot):
+        return module, "weight"
+
+    def slot(self, module, slot, qualified_name=""):
+        w = module.weight
+        return Slot(
+            label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="conv",
+            stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
+            reversed_padding=tuple(module._reversed_padding_repeated_twice),
+        )
+
+    def run(self, module, base_forward, args, kwargs, weights):
+        return module._conv_forward(args[0], weights["weight"], module.bias)
+
+
+class TransposedLinearKind(LayerKind):
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored as (in, out)."""
+
+    name = "Conv1D"
+    single_input = True
+
+    def matches(self, module):
+        return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) \
+            and module.weight.dim() == 2 and hasattr(module, "nf")
+
+    def slot_names(self, module):
+        return ["weight"]
+
+    def parameter(self, module, slot):
+        return module, "weight"
+
+    def read(self, module, slot):
+        return module.weight.t()
+
+    def slot(self, module, slot, qualified_name=""):
+        w = module.weight.t()
+        return Slot(label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="linear",
+                    blocks=fused_blocks(qualified_name, w.shape))
+
+    def run(self, module, base_forward, args, kwargs, weights):
+        return F.linear(args[0], weights["weight"], module.bias)
+
+    def to_storage(self, canonical):
+        return canonical.t()
+
+
+class MultiheadAttentionKind(LayerKind):
+    """``nn.MultiheadAttention``: packed ``in_proj`` (or q/k/v when kdim/vdim differ) and ``out_proj``.
+
+    The stock forward runs with the computed weights swapped in, so every argument, the fast path
+    and batch_first behave exactly as torch defines them; ``out_proj.forward`` is never called by
+    MultiheadAttention, which is why its weight is a slot of the attention module itself.
+    """
+
+    name = "MultiheadAttention"
+
+    def matches(self, module):
+        return isinstance(module, nn.MultiheadAttention)
+
+    def slot_names(self, module):
+        inputs = ["in_proj"] if module._qkv_same_embed_dim else ["q", "k", "v"]
+        return inputs + ["out_proj"]
+
+    def parameter(self, module, slot):
+        if slot == "out_proj":
+            return module.out_proj, "weight"
+        return module, {"in_proj": "in_proj_weight", "q": "q_proj_weight", "k": "k_proj_weight", "v": "v_proj_weight"}[slot]
+
+    def slot(self, module, slot, qualified_name=""):
+        w = self.read(module, slot)
+        blocks = (module.embed_dim,) * 3 if slot == "in_proj" else ()
+        return Slot(label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="linear", blocks=blocks)
+
+
+class WeightKind(LayerKind):
+    """Any other module with a 2-D to 5-D ``weight`` parameter: its own forward runs with W + ΔW."""
+
+    name = "Weight"
+
+    def matches(self, module):
+        weight = getattr(module, "_parameters", {}).get("weight")
+        return isinstance(weight, torch.Tensor) and 2 <= weight.dim() <= 5
+
+    def slot_names(self, module):
+        return ["weight"]
+
+    def parameter(self, module, slot):
+        return module, "weight"
+
+
+#: most specific first
+KINDS: tuple[LayerKind, ...] = (LinearKind(), ConvKind(), TransposedLinearKind(), MultiheadAttentionKind(), WeightKind())
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    for kind in KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+_FUSED_SUFFIXES = ("qkv", "c_attn", "in_proj", "to_qkv", "qkv_proj", "Wqkv")
+
+
+def fused_blocks(qualified_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row blocks of a fused q/k/v projection, recognised by its conventional name."""
+    leaf = qualified_name.rsplit(".", 1)[-1]
+    out = shape[0]
+    if leaf in _FUSED_SUFFIXES and out % 3 == 0:
+        return (out // 3,) * 3
+    return ()

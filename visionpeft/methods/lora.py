@@ -1,0 +1,64 @@
+"""LoRA (Hu et al., 2021): ΔW = (alpha/rank) · B A, with A (rank × fan_in) and B (out × rank).
+
+A starts Kaiming-uniform and B at zero, so attaching changes nothing. On linear ops and ungrouped
+convs the adapter runs on activations (x → A → B, added in place to the base output, so no
+full-size weight or extra output-size temporary is built); a grouped conv and
+MultiheadAttention use the weight path W + ΔW, which is exact where the activation path is not.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionpeft.layers.kinds import Slot
+from visionpeft.methods.base import (
+    Method, Option, adapter_dtype, boolean, kaiming_uniform_, positive_int, positive_number_or_none, probability, register,
+)
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    options = {
+        "rank": Option(8, positive_int, "an int >= 1", "rank of the update"),
+        "alpha": Option(None, positive_number_or_none, "a number > 0, or None for alpha = rank", "scale numerator"),
+        "dropout": Option(0.0, probability, "a float in [0, 1)", "dropout on the adapter's input"),
+        "rslora": Option(False, boolean, "True or False", "scale by alpha/sqrt(rank) instead of alpha/rank"),
+    }
+
+    def __init__(self, slot: Slot, rank: int, alpha: float | None, dropout: float, rslora: bool) -> None:
+        super().__init__(slot, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
+        alpha = rank if alpha is None else alpha
+        self.rank = rank
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        dtype = adapter_dtype(slot.dtype)
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(rank, slot.in_features, dtype=dtype, device=slot.device)))
+        self.lora_B = nn.Parameter(torch.zeros(slot.out_features, rank, dtype=dtype, device=slot.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).mul_(self.scale).view(self.slot_shape)
+
+    def uses_activation_path(self, slot: Slot) -> bool:
+        return slot.op == "linear" or (slot.op == "conv" and (slot.groups == 1 or self.dropout is not None))
+
+    def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if slot.op == "conv" and slot.groups != 1:  # grouped: exact only through ΔW itself
+            return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(out.dtype)
+        if slot.op == "linear":
+            h = F.linear(x, a).mul_(self.scale).to(out.dtype)
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), b.t())
+            return out
+        h = slot.run(x, a.view(self.rank, *self.slot_shape[1:]), groups=1).mul_(self.scale).to(out.dtype)
+        if out.is_contiguous() and h.is_contiguous():
+            n, c = out.shape[:2]
+            out.view(n, c, -1).baddbmm_(b.expand(n, -1, -1), h.view(n, self.rank, -1))
+            return out
+        return out.add_(slot.pointwise(h, b.view(*b.shape, *([1] * (len(self.slot_shape) - 2)))))

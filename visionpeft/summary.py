@@ -1,0 +1,39 @@
+"""A readable account of what is attached and what trains."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import nn
+
+from visionpeft.core import adapted_layers, records
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def summary(model: nn.Module) -> str:
+    """Per adapter, method and layer kind: layers, slots and parameters; then the trainable share."""
+    rows: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for _, layer in adapted_layers(model):
+        for adapter, slots in layer.vp_adapters.items():
+            method = records(model)[adapter].method if adapter in records(model) else "?"
+            row = rows[(adapter, method, layer._vp_kind.name)]
+            row[0] += 1
+            row[1] += len(slots)
+            row[2] += _count(slots.parameters())
+    header = ("adapter", "method", "layer kind", "layers", "weights", "parameters")
+    table = [header] + [(a, m, k, f"{n:,}", f"{s:,}", f"{p:,}") for (a, m, k), (n, s, p) in sorted(rows.items())]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    modules = dict(model.named_modules())
+    for rec in records(model).values():
+        for name in rec.unfreeze:
+            lines.append(f"unfrozen: {name} ({type(modules[name]).__name__}, {_count(modules[name].parameters()):,} parameters)")
+    trainable = _count(p for p in model.parameters() if p.requires_grad)
+    total = _count(model.parameters())
+    share = 100.0 * trainable / total if total else 0.0
+    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Which layers (and which weight slots of them) a ``targets`` specification selects."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+from torch import nn
+
+from visionpeft.families import detect_family, family_names
+from visionpeft.layers.adapted import ADAPTERS_ATTR, layer_kind
+from visionpeft.layers.kinds import KINDS, LayerKind, WeightKind
+from visionpeft.methods.base import Method
+
+#: kinds a family preset may select (a generic ``weight`` module such as an embedding is opt-in)
+_PRESET_KINDS = tuple(type(k) for k in KINDS if not isinstance(k, WeightKind))
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    module: nn.Module
+    kind: LayerKind
+    slots: list[str]
+
+
+def _searchable(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, Method) or ADAPTERS_ATTR in name.split("."):
+            continue
+        yield name, module
+
+
+def _describe(targets: Any) -> str:
+    if isinstance(targets, type):
+        return targets.__name__
+    return repr(targets)
+
+
+def _entry_matches(entry: Any, name: str, module: nn.Module) -> bool:
+    if isinstance(entry, type):
+        return isinstance(module, entry)
+    return name == entry or name.endswith("." + entry)
+
+
+def _mha_parent(model_modules: dict[str, nn.Module], name: str) -> str | None:
+    """The name of the MultiheadAttention whose ``out_proj`` this is (its forward never runs)."""
+    if not name.endswith("out_proj"):
+        return None
+    parent = name[: -len("out_proj")].rstrip(".")
+    return parent if isinstance(model_modules.get(parent), nn.MultiheadAttention) else None
+
+
+def resolve_targets(model: nn.Module, targets: Any) -> list[Target]:
+    """Every adaptable layer selected by ``targets`` (see :func:`visionpeft.attach`), in model order.
+
+    Raises ValueError when the specification is malformed or selects nothing adaptable.
+    """
+    modules = dict(_searchable(model))
+    if targets is None:
+        family = detect_family(model)
+        if family is None:
+            raise ValueError(
+                f"targets=None needs a known model family, and {type(model).__name__} is not one; known families: "
+                f"{', '.join(family_names())}. Pass targets= a list of module names, a regex or a module class."
+            )
+        chosen = [n for n, m in modules.items() if family.targets(n) and isinstance(layer_kind(m), _PRESET_KINDS)]
+        if not chosen:
+            raise ValueError(f"the {family.name} preset matched no adaptable layer in {type(model).__name__}")
+    elif isinstance(targets, str):
+        try:
+            regex = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets={targets!r} is not a valid regular expression: {err}") from None
+        chosen = [n for n in modules if regex.fullmatch(n)]
+    elif isinstance(targets, type) or (
+        isinstance(targets, Sequence) and targets and all(isinstance(t, (str, type)) for t in targets)
+    ):
+        entries = [targets] if isinstance(targets, type) else list(targets)
+        chosen = []
+        for entry in entries:
+            hits = [n for n, m in modules.items() if _entry_matches(entry, n, m) and _adaptable(modules, n)]
+            if not hits:
+                raise ValueError(
+                    f"target {_describe(entry)} matches no adaptable layer; adaptable layers include: "
+                    f"{_examples(modules)}"
+                )
+            chosen += [h for h in hits if h not in chosen]
+    else:
+        raise ValueError(
+            f"targets={targets!r} is not valid; allowed: None (family preset), a list of module names, "
+            f"a regular expression string, a module class or a list of classes"
+        )
+    return _to_targets(modules, chosen, targets)
+
+
+def _adaptable(modules: dict[str, nn.Module], name: str) -> bool:
+    return layer_kind(modules[name]) is not None or _mha_parent(modules, name) is not None
+
+
+def _examples(modules: dict[str, nn.Module], limit: int = 8) -> str:
+    names = [n for n in modules if n and layer_kind(modules[n]) is not None]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "(none)"
+
+
+def _to_targets(modules: dict[str, nn.Module], chosen: list[str], spec: Any) -> list[Target]:
+    slots: dict[str, list[str]] = {}
+    for name in chosen:
+        parent = _mha_parent(modules, name)
+        if parent is not None:
+            slots.setdefault(parent, [])
+            if "out_proj" not in slots[parent]:
+                slots[parent].append("out_proj")
+            continue
+        kind = layer_kind(modules[name])
+        if kind is None:
+            continue
+        slots[name] = kind.slot_names(modules[name])  # a whole layer supersedes a single slot
+    result = []
+    for name, module in modules.items():  # model order
+        if name in slots:
+            kind = layer_kind(module)
+            order = kind.slot_names(module)
+            result.append(Target(name, module, kind, [s for s in order if s in slots[name]]))
+    if not result:
+        raise ValueError(f"targets={_describe(spec)} matches no adaptable layer; adaptable layers include: {_examples(modules)}")
+    return result
+
+
+def match_module_names(model: nn.Module, entries: Sequence[str], what: str) -> list[str]:
+    """Module names for PEFT-style name entries (exact or dotted suffix); each entry must match."""
+    if isinstance(entries, str):
+        entries = [entries]
+    modules = dict(_searchable(model))
+    found: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ValueError(f"{what} entry {entry!r} must be a module name (str)")
+        hits = [n for n in modules if n and _entry_matches(entry, n, modules[n])]
+        if not hits:
+            raise ValueError(f"{what} entry {entry!r} matches no module; top-level modules: "
+                             f"{', '.join(n for n, _ in model.named_children())}")
+        found += [h for h in hits if h not in found]
+    return found
+
