@@ -1,4 +1,4 @@
-"""Family presets (targets=None) on tiny models built from configs, with LoRA end to end."""
+"""Family presets (targets=None) on tiny models built from configs, with every method end to end."""
 import copy
 import re
 
@@ -48,12 +48,13 @@ def adapted_names(model):
     return {re.sub(r"\.\d+(?=\.|$)", ".N", n) for n, m in model.named_modules() if hasattr(m, "vp_adapters")}
 
 
+@pytest.mark.parametrize("method", ["lora", "flora"])
 @pytest.mark.parametrize("family", list(EXPECTED) + ["diffusers_unet"])
-def test_preset_targets_blocks_only_and_lora_is_exact(family, tmp_path):
+def test_preset_targets_blocks_only_and_methods_are_exact(family, method, tmp_path):
     base, inputs = build(family)
     base.eval()
     y0 = run(base, inputs)
-    model = vp.attach(copy.deepcopy(base), "lora", rank=2)
+    model = vp.attach(copy.deepcopy(base), method, rank=2)
     names = adapted_names(model)
     if family == "diffusers_unet":
         assert all(re.match(r"(down_blocks|mid_block|up_blocks)\.", n) for n in names)

@@ -19,4 +19,4 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
 
 def test_cli_lists_methods_and_options():
     out = subprocess.run([sys.executable, "-m", "visionpeft.cli", "methods"], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("lora") and "rank" in out and "alpha" in out
+    assert {"lora", "flora"} <= set(out.split()) and "rank" in out and "spatial_rank" in out

@@ -7,10 +7,11 @@ __version__ = "0.1.0"
 
 from visionpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from visionpeft.core import attach, detach, merge, methods, regularization, step, trainable_parameters, unmerge
+from visionpeft.extract import extract
 from visionpeft.io import load, save
 from visionpeft.summary import summary
 
 __all__ = [
     "__version__", "methods", "attach", "trainable_parameters", "summary", "merge", "unmerge", "detach",
-    "save", "load", "regularization", "step",
+    "save", "load", "regularization", "step", "extract",
 ]

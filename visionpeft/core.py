@@ -30,6 +30,8 @@ class AdapterRecord:
     options: dict[str, Any]
     layers: dict[str, list[str]]
     unfreeze: list[str]
+    #: per layer:slot, relative error of an adapter fitted by ``vp.extract``
+    reconstruction_error: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -140,7 +140,9 @@ def _plan_from_record(model: nn.Module, raw: Any) -> Plan:
     missing = [m for m in record.unfreeze if m not in modules]
     if missing:
         raise ValueError(f"adapter {record.name!r} unfreezes module(s) {missing} that this model does not have")
-    return plan(model, record.method, targets, record.name, record.unfreeze, record.options)
+    result = plan(model, record.method, targets, record.name, record.unfreeze, record.options)
+    result.record.reconstruction_error = record.reconstruction_error
+    return result
 
 
 def _expected_state(model: nn.Module, plans: list[Plan]) -> dict[str, torch.Tensor]:

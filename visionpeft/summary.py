@@ -32,6 +32,13 @@ def summary(model: nn.Module) -> str:
     for rec in records(model).values():
         for name in rec.unfreeze:
             lines.append(f"unfrozen: {name} ({type(modules[name]).__name__}, {_count(modules[name].parameters()):,} parameters)")
+    for rec in records(model).values():
+        if rec.reconstruction_error:
+            errors = rec.reconstruction_error
+            worst = max(errors, key=errors.get)
+            lines.append(f"extracted {rec.name!r} ({rec.method}): relative reconstruction error per layer, "
+                         f"mean {sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst})")
+            lines += [f"  {layer}: {err:.4f}" for layer, err in errors.items()]
     trainable = _count(p for p in model.parameters() if p.requires_grad)
     total = _count(model.parameters())
     share = 100.0 * trainable / total if total else 0.0

@@ -84,6 +84,10 @@ class Method(nn.Module):
         contribution; may add in place."""
         raise NotImplementedError
 
+    def fit_delta(self, delta: torch.Tensor) -> None:
+        """Set the parameters so that :meth:`delta` approximates ``delta`` (used by ``vp.extract``)."""
+        raise NotImplementedError(f"{self.name} cannot be fitted to a weight difference")
+
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the layer should run with; additive methods return ``weight + delta``."""
         return weight + self.delta().to(weight.dtype)

@@ -42,6 +42,15 @@ class LoRA(Method):
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).mul_(self.scale).view(self.slot_shape)
 
+    @torch.no_grad()
+    def fit_delta(self, delta: torch.Tensor) -> None:
+        """Truncated SVD: the best rank-``rank`` approximation in Frobenius norm (Eckart-Young)."""
+        u, s, vh = torch.linalg.svd(delta.double().reshape(delta.shape[0], -1), full_matrices=False)
+        r = min(self.rank, s.numel())
+        root = (s[:r] / self.scale).sqrt()
+        self.lora_B.zero_()[:, :r] = (u[:, :r] * root).to(self.lora_B.dtype)
+        self.lora_A.zero_()[:r] = (root[:, None] * vh[:r]).to(self.lora_A.dtype)
+
     def uses_activation_path(self, slot: Slot) -> bool:
         return slot.op == "linear" or (slot.op == "conv" and (slot.groups == 1 or self.dropout is not None))
 

@@ -1,0 +1,137 @@
+"""Shared benchmark machinery: each configuration runs in its own process, so peak memory is its own.
+
+A configuration is a function ``setup(model) -> model`` applied to a freshly built model. The child
+process builds, sets up, warms up and times training steps (forward, loss, backward, AdamW step), and
+prints one JSON line; the parent runs every configuration (``--repeats`` rounds, interleaved, to
+spread machine noise), takes the median, and prints a markdown table with ratios to the frozen floor
+and to a peer. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+Setup = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def freeze_all(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    inputs, target = make_batch(device)
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = loss_fn(model, inputs, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "peak_mb": peak_memory_mb(device),
+        "trainable": sum(p.numel() for p in params),
+        "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
+    }
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads (torch {torch.__version__})"
+
+
+def main(configs: dict[str, Setup], build: Callable[[], torch.nn.Module], make_batch, loss_fn, *,
+         floor: str, peer: str, title: str, argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=title)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", nargs="+", default=list(configs), choices=list(configs))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all configurations")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+
+    if args.child:
+        torch.manual_seed(0)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = configs[args.child](build().to(args.device))
+        result = time_steps(model, make_batch, loss_fn, args.device, args.warmup, args.steps)
+        result["machine"] = machine(args.device)
+        print("RESULT " + json.dumps(result))
+        return [result]
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    for round_ in range(args.repeats):
+        order = args.configs if round_ % 2 == 0 else list(reversed(args.configs))
+        for name in order:
+            cmd = [sys.executable, sys.argv[0], "--child", name, "--device", args.device, "--warmup", str(args.warmup),
+                   "--steps", str(args.steps), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            runs[name].append(json.loads(line[len("RESULT "):]))
+            print(f"  round {round_ + 1}: {name:<16} {runs[name][-1]['step_s']:.3f} s/step  "
+                  f"{runs[name][-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    rows = []
+    for name, results in runs.items():
+        rows.append({"config": name, "step_s": statistics.median(r["step_s"] for r in results),
+                     "peak_mb": statistics.median(r["peak_mb"] for r in results),
+                     "trainable": results[0]["trainable"], "optimizer_state": results[0]["optimizer_state"],
+                     "machine": results[0]["machine"]})
+    table = render(rows, floor, peer, title, args)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+    return rows
+
+
+def render(rows: list[dict], floor: str, peer: str, title: str, args) -> str:
+    by = {r["config"]: r for r in rows}
+    f, p = by.get(floor), by.get(peer)
+    lines = [f"### {title}", "",
+             f"Machine: {rows[0]['machine']}; median of {args.steps} steps after {args.warmup} warm-up, "
+             f"median over {args.repeats} interleaved rounds; each configuration in its own process.", "",
+             f"| configuration | trainable params | optimizer state (elements) | step (s) | × floor | × {peer} "
+             f"| peak memory (MB) | above floor (MB) | ÷ {peer}'s overhead |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        over = r["peak_mb"] - f["peak_mb"] if f else float("nan")
+        peer_over = p["peak_mb"] - f["peak_mb"] if (p and f) else float("nan")
+        ratio_over = over / peer_over if peer_over and peer_over > 0 else float("nan")
+        lines.append(
+            f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r['step_s']:.3f} | "
+            f"{r['step_s'] / f['step_s']:.2f} | {r['step_s'] / p['step_s']:.2f} | {r['peak_mb']:.0f} | {over:+.0f} | {ratio_over:.2f} |"
+        )
+    return "\n".join(lines)
