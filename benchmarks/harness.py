@@ -1,6 +1,7 @@
 """Shared benchmark machinery: each configuration runs in its own process, so peak memory is its own.
 
-A configuration is a function ``setup(model) -> model`` applied to a freshly built model. The child
+A workload is a model (built fresh in each process), a batch and a loss. A configuration is a function
+``setup(model, workload) -> model`` applied to the freshly built model. The child
 process builds, sets up, warms up and times training steps (forward, loss, backward, AdamW step), and
 prints one JSON line; the parent runs every configuration (``--repeats`` rounds, interleaved, to
 spread machine noise), takes the median, and prints a markdown table with ratios to the frozen floor
@@ -9,6 +10,7 @@ and to a peer. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -20,7 +22,18 @@ from typing import Callable
 
 import torch
 
-Setup = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+@dataclasses.dataclass
+class Workload:
+    title: str
+    build: Callable[[], torch.nn.Module]
+    make_batch: Callable[[str], tuple]
+    loss_fn: Callable
+    #: parameters the frozen floor trains: cheap ones whose gradient needs activation gradients
+    #: through every block (e.g. pos_embed, a stem norm), plus the task head
+    floor_params: Callable[[torch.nn.Module], list] = lambda model: []
+    head: tuple[str, ...] = ()
 
 
 def freeze_all(model: torch.nn.Module) -> None:
@@ -67,10 +80,22 @@ def machine(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads (torch {torch.__version__})"
 
 
-def main(configs: dict[str, Setup], build: Callable[[], torch.nn.Module], make_batch, loss_fn, *,
-         floor: str, peer: str, title: str, argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=title)
+def frozen_floor(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:
+    """The reference every adapter is measured against: trunk frozen, activation gradients only."""
+    freeze_all(model)
+    for p in workload.floor_params(model):
+        p.requires_grad_(True)
+    modules = dict(model.named_modules())
+    for name in workload.head:
+        modules[name].requires_grad_(True)
+    return model
+
+
+def main(configs: dict[str, Callable], workloads: dict[str, Workload], *, floor: str, peer: str,
+         argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", default=list(workloads), choices=list(workloads))
     parser.add_argument("--configs", nargs="+", default=list(configs), choices=list(configs))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
@@ -84,24 +109,40 @@ def main(configs: dict[str, Setup], build: Callable[[], torch.nn.Module], make_b
         torch.manual_seed(0)
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = configs[args.child](build().to(args.device))
-        result = time_steps(model, make_batch, loss_fn, args.device, args.warmup, args.steps)
+        workload = workloads[args.workloads[0]]
+        model = configs[args.child](workload.build().to(args.device), workload)
+        result = time_steps(model, workload.make_batch, workload.loss_fn, args.device, args.warmup, args.steps)
         result["machine"] = machine(args.device)
         print("RESULT " + json.dumps(result))
         return [result]
 
+    tables = []
+    rows_all = []
+    for workload_name in args.workloads:
+        rows = _run_workload(args, workload_name, floor, peer)
+        tables.append(render(rows, floor, peer, workloads[workload_name].title, args))
+        print(tables[-1] + "\n", flush=True)
+        rows_all += rows
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n\n".join(tables) + "\n")
+    return rows_all
+
+
+def _run_workload(args, workload_name: str, floor: str, peer: str) -> list[dict]:
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_ in range(args.repeats):
         order = args.configs if round_ % 2 == 0 else list(reversed(args.configs))
         for name in order:
-            cmd = [sys.executable, sys.argv[0], "--child", name, "--device", args.device, "--warmup", str(args.warmup),
+            cmd = [sys.executable, sys.argv[0], "--child", name, "--workloads", workload_name,
+                   "--device", args.device, "--warmup", str(args.warmup),
                    "--steps", str(args.steps), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             runs[name].append(json.loads(line[len("RESULT "):]))
-            print(f"  round {round_ + 1}: {name:<16} {runs[name][-1]['step_s']:.3f} s/step  "
+            print(f"  {workload_name} round {round_ + 1}: {name:<16} {runs[name][-1]['step_s']:.3f} s/step  "
                   f"{runs[name][-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     rows = []
     for name, results in runs.items():
@@ -109,11 +150,6 @@ def main(configs: dict[str, Setup], build: Callable[[], torch.nn.Module], make_b
                      "peak_mb": statistics.median(r["peak_mb"] for r in results),
                      "trainable": results[0]["trainable"], "optimizer_state": results[0]["optimizer_state"],
                      "machine": results[0]["machine"]})
-    table = render(rows, floor, peer, title, args)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
     return rows
 
 

@@ -4,7 +4,7 @@ Configurations: the frozen floor (trunk frozen, only ``pos_embed`` and the head 
 gradients flow through every block, no weight gradients), full fine-tuning, HF PEFT LoRA r=8 on
 ``qkv``, and visionpeft LoRA r=8 on ``qkv`` (head trainable in both).
 
-    python benchmarks/step.py [--device cuda] [--repeats 2] [--out benchmarks/results/step.md]
+    python benchmarks/step.py [--device cuda] [--repeats 3] [--out benchmarks/results/step_cpu.md]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import freeze_all, main  # noqa: E402
+from harness import Workload, frozen_floor, main  # noqa: E402
 
 RANK = 8
 
@@ -35,18 +35,15 @@ def loss_fn(model, inputs, target):
     return F.cross_entropy(model(inputs), target)
 
 
-def floor(model):
-    freeze_all(model)
-    model.pos_embed.requires_grad_(True)
-    model.head.requires_grad_(True)
+VIT_S = Workload("LoRA r=8 on qkv, timm ViT-S/16, 224 px, batch 8", build, make_batch, loss_fn,
+                 floor_params=lambda m: [m.pos_embed], head=("head",))
+
+
+def full(model, workload):
     return model
 
 
-def full(model):
-    return model
-
-
-def peft_lora(model):
+def peft_lora(model, workload):
     from peft import LoraConfig, inject_adapter_in_model
 
     model = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["qkv"]), model)
@@ -56,14 +53,13 @@ def peft_lora(model):
     return model
 
 
-def visionpeft_lora(model):
+def visionpeft_lora(model, workload):
     import visionpeft as vp
 
     return vp.attach(model, "lora", targets=["qkv"], rank=RANK, unfreeze=["head"])
 
 
-CONFIGS = {"floor": floor, "full": full, "peft-lora": peft_lora, "visionpeft-lora": visionpeft_lora}
+CONFIGS = {"floor": frozen_floor, "full": full, "peft-lora": peft_lora, "visionpeft-lora": visionpeft_lora}
 
 if __name__ == "__main__":
-    main(CONFIGS, build, make_batch, loss_fn, floor="floor", peer="peft-lora",
-         title="LoRA r=8 on qkv, timm ViT-S/16, 224 px, batch 8")
+    main(CONFIGS, {"vit_s16": VIT_S}, floor="floor", peer="peft-lora")

@@ -1,0 +1,166 @@
+"""FLoRA against the anchors' conv adapters: training-step time and peak memory on conv models.
+
+Workloads: timm ResNet-50 and ConvNeXt-T (224 px, batch 8) and a UNet with SD-1.5's block structure
+(``visionpeft.models.configs.sd15_like_unet``, batch 2, 32×32 latents). Every adapter targets the family
+preset's layers (every conv / linear of the repeated blocks), at roughly matched parameter counts:
+FLoRA rank 8 (spatial rank 2), HF PEFT LoRA rank 5, LyCORIS LoCon with Tucker (``use_tucker``) rank 8.
+The frozen floor trains only a stem norm (or the UNet's conv_in bias) and the head, so activation
+gradients flow through every block and no block weight gets a gradient. ``flora-weight`` forces the
+W + ΔW path, to compare with the default (branch on activations).
+
+    python benchmarks/flora.py [--workloads resnet50 convnext_t unet] [--device cuda] [--out FILE]
+    python benchmarks/flora.py --contraction      # ΔW by torch.einsum vs tensorly multi_mode_dot
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import Workload, frozen_floor, main  # noqa: E402
+
+FLORA_RANK, LORA_RANK, LYCORIS_RANK = 8, 5, 8
+
+
+def classifier(name):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10)
+
+    return build
+
+
+def image_batch(device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
+
+
+def ce(model, inputs, target):
+    return F.cross_entropy(model(inputs), target)
+
+
+def unet():
+    from visionpeft.models.configs import sd15_like_unet
+
+    return sd15_like_unet()[0]
+
+
+def unet_batch(device):
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),
+              "encoder_hidden_states": torch.randn(2, 77, 256, generator=g)}
+    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, 32, 32, generator=g).to(device)
+
+
+def mse(model, inputs, target):
+    return F.mse_loss(model(**inputs).sample, target)
+
+
+WORKLOADS = {
+    "resnet50": Workload("Conv adapters on timm ResNet-50, 224 px, batch 8", classifier("resnet50"), image_batch, ce,
+                         floor_params=lambda m: list(m.bn1.parameters()), head=("fc",)),
+    "convnext_t": Workload("Conv adapters on timm ConvNeXt-T, 224 px, batch 8", classifier("convnext_tiny"), image_batch, ce,
+                           floor_params=lambda m: list(m.stem[1].parameters()), head=("head.fc",)),
+    "unet": Workload("Conv adapters on an SD-1.5-structured UNet (35M params), 32×32 latents, batch 2", unet, unet_batch, mse,
+                     floor_params=lambda m: [m.conv_in.bias]),
+}
+
+
+def preset_names(model):
+    from visionpeft.targeting import resolve_targets
+
+    return [t.name for t in resolve_targets(model, None)]
+
+
+def train_head(model, workload):
+    modules = dict(model.named_modules())
+    for name in workload.head:
+        modules[name].requires_grad_(True)
+    return model
+
+
+def full(model, workload):
+    return model
+
+
+def peft_lora(model, workload):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = preset_names(model)
+    model = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=names), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return train_head(model, workload)
+
+
+def lycoris_tucker(model, workload):
+    from lycoris import LycorisNetwork, create_lycoris
+
+    names = preset_names(model)
+    LycorisNetwork.apply_preset({"target_name": [re.escape(n) + "$" for n in names]})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    network = create_lycoris(model, 1.0, linear_dim=LYCORIS_RANK, linear_alpha=LYCORIS_RANK, algo="lora",
+                             use_tucker=True, conv_dim=LYCORIS_RANK, conv_alpha=LYCORIS_RANK)
+    network.apply_to()
+    model.add_module("lycoris_network", network)  # so its parameters are counted and optimized
+    for p in network.parameters():
+        p.requires_grad_(True)
+    return train_head(model, workload)
+
+
+def flora(path):
+    def setup(model, workload):
+        import visionpeft as vp
+
+        return vp.attach(model, "flora", rank=FLORA_RANK, path=path, unfreeze=list(workload.head))
+
+    return setup
+
+
+CONFIGS = {"floor": frozen_floor, "full": full, "peft-lora": peft_lora, "lycoris-tucker": lycoris_tucker,
+           "flora": flora("auto"), "flora-weight": flora("weight")}
+
+
+def contraction_benchmark(repeats: int = 20) -> str:
+    """ΔW = G ×₁ U₁ … ×_N U_N forward + backward: one torch.einsum, tensorly's multi_mode_dot, and
+    visionpeft's ordered mode products (kernel modes, then in, then out)."""
+    import tensorly
+    from tensorly.tenalg import multi_mode_dot
+
+    from visionpeft.methods.flora import tucker_to_tensor, tucker_to_tensor_einsum
+
+    lines = ["| weight shape | ranks | torch.einsum (ms) | tensorly multi_mode_dot (ms) | visionpeft ordered (ms) |",
+             "|---|---|---:|---:|---:|"]
+    for shape, ranks in [((256, 256, 3, 3), (8, 8, 2, 2)), ((1280, 1280, 3, 3), (16, 16, 2, 2)),
+                         ((2304, 768), (16, 16)), ((640, 320, 3, 3), (8, 8, 2, 2))]:
+        core = torch.randn(ranks, requires_grad=True)
+        factors = [torch.randn(d, r, requires_grad=True) for d, r in zip(shape, ranks)]
+        times = {}
+        with tensorly.backend_context("pytorch"):
+            for name, fn in (("einsum", lambda: tucker_to_tensor_einsum(core, factors)),
+                             ("tensorly", lambda: multi_mode_dot(core, factors)),
+                             ("ordered", lambda: tucker_to_tensor(core, factors))):
+                samples = []
+                for i in range(repeats + 3):
+                    start = time.perf_counter()
+                    fn().square().sum().backward()
+                    if i >= 3:
+                        samples.append(time.perf_counter() - start)
+                times[name] = 1000 * statistics.median(samples)
+        lines.append(f"| {shape} | {ranks} | {times['einsum']:.2f} | {times['tensorly']:.2f} | {times['ordered']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--contraction" in sys.argv:
+        print(contraction_benchmark())
+    else:
+        main(CONFIGS, WORKLOADS, floor="floor", peer="peft-lora")
