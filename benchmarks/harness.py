@@ -110,9 +110,13 @@ def main(configs: dict[str, Callable], workloads: dict[str, Workload], *, floor:
         if args.threads:
             torch.set_num_threads(args.threads)
         workload = workloads[args.workloads[0]]
-        model = configs[args.child](workload.build().to(args.device), workload)
+        model = workload.build().to(args.device)
+        start = time.perf_counter()
+        model = configs[args.child](model, workload)
+        setup_s = time.perf_counter() - start
         result = time_steps(model, workload.make_batch, workload.loss_fn, args.device, args.warmup, args.steps)
         result["machine"] = machine(args.device)
+        result["setup_s"] = setup_s
         print("RESULT " + json.dumps(result))
         return [result]
 
@@ -149,6 +153,7 @@ def _run_workload(args, workload_name: str, floor: str, peer: str) -> list[dict]
         rows.append({"config": name, "step_s": statistics.median(r["step_s"] for r in results),
                      "peak_mb": statistics.median(r["peak_mb"] for r in results),
                      "trainable": results[0]["trainable"], "optimizer_state": results[0]["optimizer_state"],
+                     "setup_s": statistics.median(r["setup_s"] for r in results),
                      "machine": results[0]["machine"]})
     return rows
 
@@ -159,15 +164,15 @@ def render(rows: list[dict], floor: str, peer: str, title: str, args) -> str:
     lines = [f"### {title}", "",
              f"Machine: {rows[0]['machine']}; median of {args.steps} steps after {args.warmup} warm-up, "
              f"median over {args.repeats} interleaved rounds; each configuration in its own process.", "",
-             f"| configuration | trainable params | optimizer state (elements) | step (s) | × floor | × {peer} "
+             f"| configuration | trainable params | optimizer state (elements) | attach (s) | step (s) | × floor | × {peer} "
              f"| peak memory (MB) | above floor (MB) | ÷ {peer}'s overhead |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         over = r["peak_mb"] - f["peak_mb"] if f else float("nan")
         peer_over = p["peak_mb"] - f["peak_mb"] if (p and f) else float("nan")
         ratio_over = over / peer_over if peer_over and peer_over > 0 else float("nan")
         lines.append(
-            f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r['step_s']:.3f} | "
+            f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r.get('setup_s', float('nan')):.2f} | {r['step_s']:.3f} | "
             f"{r['step_s'] / f['step_s']:.2f} | {r['step_s'] / p['step_s']:.2f} | {r['peak_mb']:.0f} | {over:+.0f} | {ratio_over:.2f} |"
         )
     return "\n".join(lines)

@@ -30,6 +30,8 @@ class AdapterRecord:
     options: dict[str, Any]
     layers: dict[str, list[str]]
     unfreeze: list[str]
+    #: single parameters trained fully with the adapter (e.g. biases of the targeted layers)
+    unfreeze_parameters: list[str] = dataclasses.field(default_factory=list)
     #: per layer:slot, relative error of an adapter fitted by ``vp.extract``
     reconstruction_error: dict[str, float] | None = None
 
@@ -100,9 +102,25 @@ def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfree
             instances[layer][slot_name] = instance
         else:
             instances[layer].setdefault(slot_name, nn.ModuleList()).append(instance)
+    biases = _biases(model, targets) if cls.trains_bias(resolved) else []
     record = AdapterRecord(name=name, method=cls.name, options=resolved,
-                           layers={t.name: list(t.slots) for t in targets}, unfreeze=list(unfreeze))
+                           layers={t.name: list(t.slots) for t in targets}, unfreeze=list(unfreeze),
+                           unfreeze_parameters=biases)
     return Plan(record, targets, dict(instances), slots)
+
+
+def _biases(model: nn.Module, targets: list[Target]) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for target in targets:
+        for slot in target.slots:
+            owner = target.kind.bias(target.module, slot)
+            if owner is not None:
+                prefix = names[id(owner[0])]
+                qualified = f"{prefix}.{owner[1]}" if prefix else owner[1]
+                if qualified not in found:
+                    found.append(qualified)
+    return found
 
 
 def install(model: nn.Module, plan: Plan) -> None:
@@ -118,6 +136,9 @@ def install(model: nn.Module, plan: Plan) -> None:
     modules = dict(model.named_modules())
     for name in plan.record.unfreeze:
         modules[name].requires_grad_(True)
+    params = dict(model.named_parameters())
+    for name in plan.record.unfreeze_parameters:
+        params[name].requires_grad_(True)
     model.__dict__.setdefault(RECORDS_ATTR, {})[plan.record.name] = plan.record
 
 

@@ -55,13 +55,14 @@ def _sha256(path: Path) -> str:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors and the unfrozen modules' tensors, under the model's own keys."""
-    unfrozen = sorted({m for r in records(model).values() for m in r.unfreeze})
-    state = {}
-    for key, value in model.state_dict(keep_vars=False).items():
-        parts = key.split(".")
-        if ADAPTERS_ATTR in parts or any(key.startswith(m + ".") for m in unfrozen):
-            state[key] = value
-    return state
+    return {key: value for key, value in model.state_dict().items() if _saved_with_adapter(key, records(model).values())}
+
+
+def _saved_with_adapter(key: str, recs) -> bool:
+    if ADAPTERS_ATTR in key.split("."):
+        return True
+    return any(key.startswith(m + ".") for r in recs for m in r.unfreeze) or \
+        any(key in r.unfreeze_parameters for r in recs)
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -152,9 +153,8 @@ def _expected_state(model: nn.Module, plans: list[Plan]) -> dict[str, torch.Tens
             prefix = f"{layer}.{ADAPTERS_ATTR}.{p.record.name}." if layer else f"{ADAPTERS_ATTR}.{p.record.name}."
             for key, value in nn.ModuleDict(slots).state_dict().items():
                 expected[prefix + key] = value
-    unfrozen = {m for p in plans for m in p.record.unfreeze}
     for key, value in model.state_dict().items():
-        if any(key.startswith(m + ".") for m in unfrozen):
+        if ADAPTERS_ATTR not in key.split(".") and _saved_with_adapter(key, [p.record for p in plans]):
             expected[key] = value
     return expected
 
@@ -194,8 +194,10 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for p in plans:
         for layer, slots in p.instances.items():
             prefix = f"{layer}.{ADAPTERS_ATTR}.{p.record.name}." if layer else f"{ADAPTERS_ATTR}.{p.record.name}."
-            container = nn.ModuleDict(slots)
-            container.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            try:
+                nn.ModuleDict(slots).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except ValueError as err:
+                raise ValueError(f"adapter {p.record.name!r} on layer {layer!r}: {err}") from None
     model_state = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for key in expected:

@@ -106,6 +106,10 @@ class LayerKind:
         """(owner module, parameter name) holding the slot's weight."""
         raise NotImplementedError
 
+    def bias(self, module: nn.Module, slot: str) -> tuple[nn.Module, str] | None:
+        """(owner module, parameter name) of the bias that goes with the slot, if it has one."""
+        return (module, "bias") if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+
     def slot(self, module: nn.Module, slot: str, qualified_name: str = "") -> Slot:
         weight = self.read(module, slot)
         return Slot(label=slot, shape=tuple(weight.shape), dtype=weight.dtype, device=weight.device)
@@ -231,6 +235,11 @@ class MultiheadAttentionKind(LayerKind):
         if slot == "out_proj":
             return module.out_proj, "weight"
         return module, {"in_proj": "in_proj_weight", "q": "q_proj_weight", "k": "k_proj_weight", "v": "v_proj_weight"}[slot]
+
+    def bias(self, module, slot):
+        if slot == "out_proj":
+            return (module.out_proj, "bias") if module.out_proj.bias is not None else None
+        return (module, "in_proj_bias") if module.in_proj_bias is not None else None  # q, k and v share it
 
     def slot(self, module, slot, qualified_name=""):
         w = self.read(module, slot)

@@ -103,6 +103,11 @@ class Method(nn.Module):
         return [dict(options) for _ in slots]
 
     @classmethod
+    def trains_bias(cls, options: dict[str, Any]) -> bool:
+        """Whether the targeted layers' biases train with this adapter (and are saved with it)."""
+        return False
+
+    @classmethod
     def model_penalty(cls, instances: Sequence["Method"]) -> torch.Tensor | None:
         terms = [p for p in (m.penalty() for m in instances) if p is not None]
         return torch.stack([t.float() for t in terms]).sum() if terms else None

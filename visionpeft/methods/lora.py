@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visionpeft.layers.kinds import Slot
 from visionpeft.methods.base import (
     Method, Option, adapter_dtype, boolean, kaiming_uniform_, positive_int, positive_number_or_none, probability, register,
 )
+from visionpeft.methods.lowrank import add_low_rank_output
 
 
 @register
@@ -59,15 +59,4 @@ class LoRA(Method):
             x = self.dropout(x)
         if slot.op == "conv" and slot.groups != 1:  # grouped: exact only through ΔW itself
             return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(out.dtype)
-        if slot.op == "linear":
-            h = F.linear(x, a).mul_(self.scale).to(out.dtype)
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), b.t())
-            return out
-        h = slot.run(x, a.view(self.rank, *self.slot_shape[1:]), groups=1).mul_(self.scale).to(out.dtype)
-        if out.is_contiguous() and h.is_contiguous():
-            n, c = out.shape[:2]
-            out.view(n, c, -1).baddbmm_(b.expand(n, -1, -1), h.view(n, self.rank, -1))
-            return out
-        return out.add_(slot.pointwise(h, b.view(*b.shape, *([1] * (len(self.slot_shape) - 2)))))
+        return add_low_rank_output(x, out, slot, self.lora_A, self.lora_B, self.scale)
