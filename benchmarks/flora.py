@@ -91,9 +91,12 @@ def full(model, workload):
 
 
 def peft_lora(model, workload):
+    """PEFT refuses grouped convs unless the rank divides the groups (ConvNeXt's depthwise convs), so it
+    adapts the preset's other layers there."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = preset_names(model)
+    modules = dict(model.named_modules())
+    names = [n for n in preset_names(model) if getattr(modules[n], "groups", 1) == 1]
     model = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=names), model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)

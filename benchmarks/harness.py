@@ -77,7 +77,13 @@ def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int)
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads (torch {torch.__version__})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} CPU threads (torch {torch.__version__})"
 
 
 def frozen_floor(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:

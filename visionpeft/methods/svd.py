@@ -14,7 +14,12 @@ onto a base whose SVD basis differs (other weights, or a non-unique basis) fails
 silently changing the model. Singular vectors get a deterministic sign (largest entry of each u
 positive) so the basis is reproducible.
 
-Forward, measured (``benchmarks/svd.py``): see ``path``; "auto" picks the faster one per op kind.
+Forward paths (``path``): "weight" runs the op with W + U_k diag(s − σ) V_kᵀ (materialised once per call,
+2·d²·k extra multiply-adds, plus the weight gradient of the op in backward); "factorized" adds
+U_k((s − σ) ⊙ V_kᵀx) to the output (about 4·tokens·d·k extra in forward and backward). "auto" takes
+the factorized path only when few directions train (4k ≤ min(out, in)), where it is cheaper, and the
+weight path otherwise: with every direction trainable (k = d) it wins whenever a batch has more than
+about 2d/3 tokens, which is every realistic CLIP batch (``benchmarks/svd.py`` measures both).
 """
 from __future__ import annotations
 
@@ -130,7 +135,7 @@ class SVD(Method):
     def uses_activation_path(self, slot: Slot) -> bool:
         if self.path == "weight" or slot.op not in ("linear", "conv") or (slot.op == "conv" and slot.groups != 1):
             return False
-        return True
+        return self.path == "factorized" or 4 * self.s.numel() <= min(self.U.shape[0], self.V.shape[0])
 
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         return add_low_rank_output(x, out, slot, self.V.t(), self.U, (self.s - self.sigma).to(x.dtype))

@@ -1,0 +1,210 @@
+"""Recipes: YAML files validated against a schema before anything runs, with dotted overrides.
+
+    model:    timm name, pretrained flag or local checkpoint, num_classes, image size, normalization
+    adapter:  method (a registered method, or the baselines "full" and "linear"), options, targets, unfreeze
+    data:     format (vtab1k | fgvc | imagefolder), root, task, splits, augmentation
+    train:    epochs or steps, batch size, lr, weight decay and no-decay rules, warm-up, cosine schedule,
+              precision, gradient accumulation, seed, eval interval, checkpoints, resume
+    output:   the run directory
+
+An unknown key, a missing required key or a value of the wrong type is a ValueError that names the
+dotted key and says what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NUMBER = (int, float)
+
+#: section -> key -> (allowed types, default); a default of REQUIRED must be given
+REQUIRED = object()
+SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
+    "model": {
+        "name": ((str,), REQUIRED),
+        "pretrained": ((bool,), False),
+        "checkpoint": ((str, type(None)), None),
+        "num_classes": ((int, type(None)), None),
+        "image_size": ((int,), 224),
+        "mean": ((list,), [0.485, 0.456, 0.406]),
+        "std": ((list,), [0.229, 0.224, 0.225]),
+        "kwargs": ((dict,), {}),
+    },
+    "adapter": {
+        "method": ((str,), REQUIRED),
+        "options": ((dict,), {}),
+        "targets": ((str, list, type(None)), None),
+        "unfreeze": ((list,), ["head"]),
+    },
+    "data": {
+        "format": ((str,), REQUIRED),
+        "root": ((str,), REQUIRED),
+        "task": ((str, type(None)), None),
+        "train_split": ((str,), "train"),
+        "eval_split": ((str,), "test"),
+        "augmentation": ((str,), "none"),
+        "num_workers": ((int,), 0),
+    },
+    "train": {
+        "epochs": ((int, type(None)), None),
+        "steps": ((int, type(None)), None),
+        "batch_size": ((int,), 64),
+        "eval_batch_size": ((int, type(None)), None),
+        "lr": (NUMBER, 1e-3),
+        "weight_decay": (NUMBER, 1e-4),
+        "no_decay": ((list,), ["bias", "norm", "pos_embed", "cls_token", "1d"]),
+        "warmup_epochs": (NUMBER, 0),
+        "warmup_lr": (NUMBER, 1e-6),
+        "min_lr": (NUMBER, 1e-5),
+        "label_smoothing": (NUMBER, 0.0),
+        "precision": ((str,), "no"),
+        "grad_accum": ((int,), 1),
+        "grad_clip": ((int, float, type(None)), None),
+        "seed": ((int,), 0),
+        "eval_interval": ((int,), 1),
+        "eval_last": ((int,), 0),
+        "checkpoint_interval": ((int, type(None)), None),
+        "resume": ((str, type(None)), None),
+        "device": ((str,), "auto"),
+        "log_interval": ((int,), 10),
+    },
+    "output": ((str,), REQUIRED),
+}
+
+CHOICES = {
+    "data.format": ("vtab1k", "fgvc", "imagefolder"),
+    "data.augmentation": ("none", "vpt", "ssf"),
+    "train.precision": ("no", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+BASELINES = ("full", "linear")
+
+
+def _type_names(types: tuple) -> str:
+    names = {int: "an int", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a mapping",
+             type(None): "null"}
+    shown = [t for t in types if not (t is int and float in types)]  # "a number" covers ints
+    return " or ".join(dict.fromkeys(names[t] for t in shown))
+
+
+def _check(key: str, value: Any, types: tuple) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ValueError(f"recipe key {key!r} must be {_type_names(types)}, got {value!r}")
+    allowed = CHOICES.get(key)
+    if allowed and value not in allowed:
+        raise ValueError(f"recipe key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
+
+
+def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
+    """A complete recipe (defaults filled in) from a parsed mapping; raises ValueError naming the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source} must be a mapping with sections {', '.join(SCHEMA)}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SCHEMA))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SCHEMA)}")
+    recipe: dict[str, Any] = {}
+    for section, spec in SCHEMA.items():
+        if isinstance(spec, tuple):  # a top-level scalar such as output
+            types, default = spec
+            if section not in raw:
+                if default is REQUIRED:
+                    raise ValueError(f"{source}: missing required key {section!r}")
+                raw_value = default
+            else:
+                raw_value = raw[section]
+            _check(section, raw_value, types)
+            recipe[section] = raw_value
+            continue
+        given = raw.get(section, {})
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping, got {given!r}")
+        unknown = sorted(set(given) - set(spec))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; valid keys in "
+                             f"{section!r}: {', '.join(spec)}")
+        values = {}
+        for key, (types, default) in spec.items():
+            if key in given:
+                value = given[key]
+            elif default is REQUIRED:
+                raise ValueError(f"{source}: missing required key {section}.{key}")
+            else:
+                value = copy.deepcopy(default)
+            _check(f"{section}.{key}", value, types)
+            values[key] = value
+        recipe[section] = values
+    _check_semantics(recipe, source)
+    return recipe
+
+
+def _check_semantics(recipe: dict[str, Any], source: str) -> None:
+    train = recipe["train"]
+    if (train["epochs"] is None) == (train["steps"] is None):
+        raise ValueError(f"{source}: give exactly one of train.epochs and train.steps "
+                         f"(got epochs={train['epochs']!r}, steps={train['steps']!r})")
+    for key in ("epochs", "steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+        if train[key] is not None and train[key] < 1:
+            raise ValueError(f"{source}: train.{key}={train[key]!r} must be >= 1")
+    if train["lr"] <= 0:
+        raise ValueError(f"{source}: train.lr={train['lr']!r} must be > 0")
+    method = recipe["adapter"]["method"]
+    if method not in BASELINES:
+        from visionpeft.methods.base import get_method, resolve_options
+
+        try:
+            resolve_options(get_method(method), recipe["adapter"]["options"])
+        except ValueError as err:
+            raise ValueError(f"{source}: adapter: {err}") from None
+    elif recipe["adapter"]["options"]:
+        raise ValueError(f"{source}: adapter.method={method!r} takes no options, got {recipe['adapter']['options']!r}")
+    if recipe["data"]["format"] == "vtab1k" and not recipe["data"]["task"]:
+        raise ValueError(f"{source}: data.task is required for data.format=vtab1k (e.g. cifar, dtd, ...)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=2`` → (["train", "epochs"], 2); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.epochs=2)")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ValueError(f"override {text!r} has an empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return path, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+    return validate(apply_overrides(raw, list(overrides)), source=str(path))
