@@ -48,13 +48,13 @@ def adapted_names(model):
     return {re.sub(r"\.\d+(?=\.|$)", ".N", n) for n, m in model.named_modules() if hasattr(m, "vp_adapters")}
 
 
-@pytest.mark.parametrize("method", ["lora", "flora", "svd"])
+@pytest.mark.parametrize("method", ["lora", "flora", "svd", "snella", "sara"])
 @pytest.mark.parametrize("family", list(EXPECTED) + ["diffusers_unet"])
 def test_preset_targets_blocks_only_and_methods_are_exact(family, method, tmp_path):
     base, inputs = build(family)
     base.eval()
     y0 = run(base, inputs)
-    model = vp.attach(copy.deepcopy(base), method, **({} if method == "svd" else {"rank": 2}))
+    model = vp.attach(copy.deepcopy(base), method, **({} if method in ("svd", "sara") else {"rank": 2}))
     names = adapted_names(model)
     if family == "diffusers_unet":
         assert all(re.match(r"(down_blocks|mid_block|up_blocks)\.", n) for n in names)

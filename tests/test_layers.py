@@ -19,6 +19,10 @@ METHODS = {
     "flora-weight-path": ("flora", dict(rank=2, path="weight")),
     "svd": ("svd", dict()),
     "svd-weight-path": ("svd", dict(path="weight", rank_ratio=0.5)),
+    "snella": ("snella", dict(rank=2, init_density=0.5)),
+    "snell": ("snell", dict(rank=2, density=0.5)),
+    "sara": ("sara", dict(density=0.3)),
+    "sara-sparse-path": ("sara", dict(density=0.3, path="sparse")),
 }
 
 

@@ -217,3 +217,56 @@ def test_cli_train_eval_sweep(vtab_root, tmp_path):
     assert swept.returncode == 0, swept.stderr
     assert "mean of group means" in swept.stdout and "2-task mean" in swept.stdout
     assert (tmp_path / "sweep" / "results.md").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe["model"]["name"] == "vit_base_patch16_224.orig_in21k"  # not the augreg alias
+
+
+@pytest.mark.parametrize("method", ["lora", "flora", "snella", "sara", "svd", "full", "linear"])
+def test_vtab_recipe_runs_on_a_tiny_backbone(vtab_root, tmp_path, method):
+    """Each shipped VTAB recipe, with the backbone and schedule shrunk, trains end to end and lowers the loss."""
+    from visionpeft.training import train
+
+    tiny = ["model.name=vit_tiny_patch16_224", "model.pretrained=false", "model.image_size=32",
+            "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+            f"data.root={vtab_root}", "data.task=dsprites_loc", "data.num_workers=0", "train.epochs=null",
+            "train.steps=12", "train.batch_size=16", "train.warmup_epochs=0", "train.eval_interval=12",
+            "train.checkpoint_interval=null", "train.resume=null", "train.device=cpu", "train.lr=5e-3",
+            f"output={tmp_path / method}"]
+    if method == "snella":
+        tiny.append("adapter.options.rank=4")
+    summary = train(load_recipe(ROOT / "recipes" / "vtab1k" / f"{method}.yaml", tiny), progress=False)
+    assert summary["steps"] == 12
+    curve = losses(tmp_path / method)
+    assert np.mean(curve[-3:]) < np.mean(curve[:3]), curve
+
+
+def test_bf16_and_gradient_accumulation_run(vtab_root, tmp_path):
+    from visionpeft.training import train
+
+    raw = recipe(vtab_root, tmp_path, "lora", precision="bf16", grad_accum=2, steps=8, batch_size=8)
+    raw["adapter"]["options"] = {"rank": 4}
+    summary = train(validate(raw), progress=False)
+    assert summary["steps"] == 8
+    curve = losses(raw["output"])
+    assert len(curve) == 8 and np.mean(curve[-3:]) < np.mean(curve[:3]), curve
+
+
+def test_accumulating_two_half_batches_matches_one_full_batch(vtab_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from visionpeft.training import train
+
+    def run(name, **train_options):
+        raw = recipe(vtab_root, tmp_path, "lora", steps=3, eval_interval=3, **train_options)
+        raw["output"] = str(tmp_path / name)
+        raw["adapter"]["options"] = {"rank": 4}
+        train(validate(raw), progress=False)
+        return load_file(str(tmp_path / name / "adapter" / "adapter.safetensors"))
+
+    full = run("full", batch_size=16)
+    halves = run("halves", batch_size=8, grad_accum=2)
+    assert all(np.allclose(full[k].numpy(), halves[k].numpy(), atol=2e-5) for k in full)

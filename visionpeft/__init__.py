@@ -9,9 +9,10 @@ from visionpeft import methods as _methods  # noqa: F401  (registers the built-i
 from visionpeft.core import attach, detach, merge, methods, regularization, step, trainable_parameters, unmerge
 from visionpeft.extract import extract
 from visionpeft.io import load, save
+from visionpeft.sparsity import sparsity_report
 from visionpeft.summary import summary
 
 __all__ = [
     "__version__", "methods", "attach", "trainable_parameters", "summary", "merge", "unmerge", "detach",
-    "save", "load", "regularization", "step", "extract",
+    "save", "load", "regularization", "step", "extract", "sparsity_report",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from visionpeft.layers.adapted import AdaptedLayer, adapt, is_adapted, restore
-from visionpeft.layers.kinds import Slot
+from visionpeft.layers.kinds import ParametersKind, Slot
 from visionpeft.methods.base import Method, get_method, resolve_options
 from visionpeft.targeting import Target, match_module_names, resolve_targets
 
@@ -34,6 +34,8 @@ class AdapterRecord:
     unfreeze_parameters: list[str] = dataclasses.field(default_factory=list)
     #: per layer:slot, relative error of an adapter fitted by ``vp.extract``
     reconstruction_error: dict[str, float] | None = None
+    #: attached with ``targets="all"``: every parameter tensor is a slot of the module that owns it
+    all_parameters: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +107,8 @@ def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfree
     biases = _biases(model, targets) if cls.trains_bias(resolved) else []
     record = AdapterRecord(name=name, method=cls.name, options=resolved,
                            layers={t.name: list(t.slots) for t in targets}, unfreeze=list(unfreeze),
-                           unfreeze_parameters=biases)
+                           unfreeze_parameters=biases,
+                           all_parameters=any(isinstance(t.kind, ParametersKind) for t in targets))
     return Plan(record, targets, dict(instances), slots)
 
 
@@ -153,8 +156,9 @@ def attach(model: nn.Module, method: str, *, targets: Any = None, unfreeze: Any 
         model: any ``nn.Module``.
         method: a name from :func:`methods` (``"lora"``, ...).
         targets: ``None`` for the family preset (every weight of the repeated blocks), a list of
-            module names (exact or dotted suffix), a regular expression (full match), or a module
-            class / list of classes.
+            module names (exact or dotted suffix), a regular expression (full match), a module
+            class / list of classes, or the special value ``"all"``: every parameter tensor of the
+            model (biases, norms, embeddings included), each a slot of the module that owns it.
         unfreeze: module names trained fully and saved with the adapter (e.g. ``["head"]``).
         name: the adapter's name; several adapters may be attached under different names.
         **options: the method's hyper-parameters (``rank``, ``alpha``, ``dropout``, ...).

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionpeft.core import AdapterRecord, Plan, install, plan, records
-from visionpeft.layers.adapted import ADAPTERS_ATTR, layer_kind
+from visionpeft.layers.adapted import ADAPTERS_ATTR, is_adapted, layer_kind
+from visionpeft.layers.kinds import PARAMETERS_KIND, ParametersKind
 from visionpeft.targeting import Target
 
 FORMAT = "visionpeft-adapter"
@@ -81,7 +82,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": _version(),
-        "model_class": type(model).__name__,
+        "model_class": getattr(type(model), "_vp_base_class", type(model)).__name__,  # root adapted by targets="all"
         "adapters": [r.to_json() for r in recs.values()],
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "sha256": _sha256(tensor_path),
@@ -113,12 +114,19 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _targets_from_layers(model: nn.Module, layers: dict[str, list[str]], adapter: str) -> list[Target]:
+def _targets_from_layers(model: nn.Module, layers: dict[str, list[str]], adapter: str,
+                         all_parameters: bool = False) -> list[Target]:
     modules = dict(model.named_modules())
     targets = []
     for name, slot_names in layers.items():
         module = modules.get(name)
-        kind = layer_kind(module) if module is not None else None
+        if module is not None and all_parameters:
+            if is_adapted(module) and not isinstance(layer_kind(module), ParametersKind):
+                raise ValueError(f"adapter {adapter!r} was attached with targets='all', but layer {name!r} already "
+                                 f"carries an adapter attached with other targets; detach it first")
+            kind = PARAMETERS_KIND if PARAMETERS_KIND.matches(module) else None
+        else:
+            kind = layer_kind(module) if module is not None else None
         if kind is None:
             found = "missing" if module is None else f"a {type(module).__name__} with no adaptable weight"
             raise ValueError(f"adapter {adapter!r} was saved for another architecture: layer {name!r} is {found} "
@@ -136,7 +144,7 @@ def _plan_from_record(model: nn.Module, raw: Any) -> Plan:
         record = AdapterRecord(**raw)
     except TypeError as err:
         raise ValueError(f"adapter.json has a malformed adapter entry: {err}") from None
-    targets = _targets_from_layers(model, record.layers, record.name)
+    targets = _targets_from_layers(model, record.layers, record.name, record.all_parameters)
     modules = dict(model.named_modules())
     missing = [m for m in record.unfreeze if m not in modules]
     if missing:

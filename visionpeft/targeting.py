@@ -8,12 +8,14 @@ from typing import Any, Sequence
 from torch import nn
 
 from visionpeft.families import detect_family, family_names
-from visionpeft.layers.adapted import ADAPTERS_ATTR, layer_kind
-from visionpeft.layers.kinds import KINDS, LayerKind, WeightKind
+from visionpeft.layers.adapted import ADAPTERS_ATTR, is_adapted, layer_kind
+from visionpeft.layers.kinds import KINDS, PARAMETERS_KIND, LayerKind, ParametersKind, WeightKind
 from visionpeft.methods.base import Method
 
 #: kinds a family preset may select (a generic ``weight`` module such as an embedding is opt-in)
 _PRESET_KINDS = tuple(type(k) for k in KINDS if not isinstance(k, WeightKind))
+#: the ``targets`` value that selects every parameter tensor of the model (biases and norms included)
+ALL = "all"
 
 
 @dataclasses.dataclass
@@ -54,9 +56,15 @@ def _mha_parent(model_modules: dict[str, nn.Module], name: str) -> str | None:
 def resolve_targets(model: nn.Module, targets: Any) -> list[Target]:
     """Every adaptable layer selected by ``targets`` (see :func:`visionpeft.attach`), in model order.
 
+    ``targets="all"`` is a special value, not a regex: every parameter tensor of the module tree, each
+    a slot of the module that owns it (:class:`~visionpeft.layers.kinds.ParametersKind`).
+
     Raises ValueError when the specification is malformed or selects nothing adaptable.
     """
     modules = dict(_searchable(model))
+    if isinstance(targets, str) and targets == ALL:
+        return _all_parameters(modules)
+    _refuse_all_parameter_layers(modules)
     if targets is None:
         family = detect_family(model)
         if family is None:
@@ -92,6 +100,37 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[Target]:
             f"a regular expression string, a module class or a list of classes"
         )
     return _to_targets(modules, chosen, targets)
+
+
+def _all_parameters(modules: dict[str, nn.Module]) -> list[Target]:
+    """One target per module owning parameters; a tensor shared by several modules is adapted once."""
+    result, seen = [], set()
+    for name, module in modules.items():
+        if _mha_parent(modules, name) is not None:
+            continue  # its parameters are slots of the attention module, whose forward uses them
+        if is_adapted(module) and not isinstance(layer_kind(module), ParametersKind):
+            raise ValueError(f"targets={ALL!r} cannot adapt {name or type(module).__name__!r}: it already carries an "
+                             f"adapter attached with other targets ({layer_kind(module).name} layer); detach it first")
+        slots = []
+        for slot in PARAMETERS_KIND.slot_names(module):
+            owner, attr = PARAMETERS_KIND.parameter(module, slot)
+            tensor = owner._parameters[attr]
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                slots.append(slot)
+        if slots:
+            result.append(Target(name, module, PARAMETERS_KIND, slots))
+    if not result:
+        raise ValueError(f"targets={ALL!r} found no parameter tensor in this model")
+    return result
+
+
+def _refuse_all_parameter_layers(modules: dict[str, nn.Module]) -> None:
+    """Layers adapted with ``targets="all"`` expose every tensor as a slot; other targets may not share them."""
+    taken = [n or "(root)" for n, m in modules.items() if is_adapted(m) and isinstance(layer_kind(m), ParametersKind)]
+    if taken:
+        raise ValueError(f"layers adapted with targets={ALL!r} (such as {taken[0]!r}) can only take further "
+                         f"adapters with targets={ALL!r}; detach first to use other targets")
 
 
 def _adaptable(modules: dict[str, nn.Module], name: str) -> bool:

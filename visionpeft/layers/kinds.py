@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,39 @@ def swapped_parameters(pairs: list[tuple[nn.Module, str, torch.Tensor]]) -> Iter
             module._parameters[name] = original
 
 
+#: attribute of a computed weight holding a function that rebuilds it (see :func:`rebuilt_on_backward`)
+REBUILD_ATTR = "_vp_rebuild"
+
+
+@contextlib.contextmanager
+def rebuilt_on_backward(weights: Iterable[torch.Tensor]) -> Iterator[None]:
+    """While an op runs, save no copy of a computed weight that carries a ``_vp_rebuild`` function: autograd
+    keeps the function instead and rebuilds the weight (same layout) when backward needs it. A method
+    whose effective weight is cheap to rebuild (a scatter into W) thus keeps nothing weight-sized between
+    forward and backward. Second-order gradients do not flow through a rebuilt weight."""
+    recipes = {w.untyped_storage().data_ptr(): (getattr(w, REBUILD_ATTR), w.dtype)
+               for w in weights if hasattr(w, REBUILD_ATTR) and w.numel()}
+    if not recipes:
+        yield
+        return
+
+    def pack(tensor):
+        if tensor.layout == torch.strided and tensor.device.type != "meta" and tensor.numel():
+            rebuild, dtype = recipes.get(tensor.untyped_storage().data_ptr(), (None, None))
+            if rebuild is not None and tensor.dtype == dtype:  # the weight itself or a view of it
+                return (rebuild, tensor.size(), tensor.stride(), tensor.storage_offset())
+        return tensor
+
+    def unpack(saved):
+        if isinstance(saved, tuple):
+            rebuild, size, stride, offset = saved
+            return rebuild().as_strided(size, stride, offset)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class LayerKind:
     """How one family of modules exposes its weights; subclasses are stateless singletons."""
 
@@ -128,7 +161,7 @@ class LayerKind:
         for slot, weight in weights.items():
             owner, name = self.parameter(module, slot)
             pairs.append((owner, name, self.to_storage(weight)))
-        with swapped_parameters(pairs):
+        with swapped_parameters(pairs), rebuilt_on_backward(weights.values()):
             return base_forward(module, *args, **kwargs)
 
     def to_storage(self, canonical: torch.Tensor) -> torch.Tensor:
@@ -154,7 +187,8 @@ class LinearKind(LayerKind):
                     blocks=fused_blocks(qualified_name, w.shape))
 
     def run(self, module, base_forward, args, kwargs, weights):
-        return F.linear(args[0], weights["weight"], module.bias)
+        with rebuilt_on_backward(weights.values()):
+            return F.linear(args[0], weights["weight"], module.bias)
 
 
 class ConvKind(LayerKind):
@@ -180,7 +214,8 @@ class ConvKind(LayerKind):
         )
 
     def run(self, module, base_forward, args, kwargs, weights):
-        return module._conv_forward(args[0], weights["weight"], module.bias)
+        with rebuilt_on_backward(weights.values()):
+            return module._conv_forward(args[0], weights["weight"], module.bias)
 
 
 class TransposedLinearKind(LayerKind):
@@ -208,7 +243,8 @@ class TransposedLinearKind(LayerKind):
                     blocks=fused_blocks(qualified_name, w.shape))
 
     def run(self, module, base_forward, args, kwargs, weights):
-        return F.linear(args[0], weights["weight"], module.bias)
+        with rebuilt_on_backward(weights.values()):
+            return F.linear(args[0], weights["weight"], module.bias)
 
     def to_storage(self, canonical):
         return canonical.t()
@@ -262,6 +298,39 @@ class WeightKind(LayerKind):
     def parameter(self, module, slot):
         return module, "weight"
 
+
+class ParametersKind(LayerKind):
+    """Every direct parameter of a module as a slot (``targets="all"``): weights, biases, norm affines,
+    embeddings. The module's own forward runs with the computed tensors swapped in; the slots have
+    no op of their own (``op="other"``), so methods take the weight path on them.
+
+    ``nn.MultiheadAttention`` never calls its ``out_proj``'s forward, so that child's parameters are
+    slots of the attention module (``out_proj_weight``, ``out_proj_bias``). Never chosen by
+    :func:`kind_of`: only ``targets="all"`` selects it.
+    """
+
+    name = "Parameters"
+    _MHA_OUT = {"out_proj_weight": "weight", "out_proj_bias": "bias"}
+
+    def matches(self, module):
+        return bool(self.slot_names(module))
+
+    def slot_names(self, module):
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if isinstance(module, nn.MultiheadAttention):
+            names += [n for n, attr in self._MHA_OUT.items() if getattr(module.out_proj, attr, None) is not None]
+        return names
+
+    def parameter(self, module, slot):
+        if isinstance(module, nn.MultiheadAttention) and slot in self._MHA_OUT:
+            return module.out_proj, self._MHA_OUT[slot]
+        return module, slot
+
+    def bias(self, module, slot):
+        return None  # a bias is a slot of its own here
+
+
+PARAMETERS_KIND = ParametersKind()
 
 #: most specific first
 KINDS: tuple[LayerKind, ...] = (LinearKind(), ConvKind(), TransposedLinearKind(), MultiheadAttentionKind(), WeightKind())

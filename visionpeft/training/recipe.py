@@ -90,6 +90,16 @@ def _type_names(types: tuple) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in shown))
 
 
+def _coerce(value: Any, types: tuple) -> Any:
+    """PyYAML reads ``1e-3`` (no dot) as a string; accept it where a number is expected."""
+    if float in types and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _check(key: str, value: Any, types: tuple) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
@@ -115,7 +125,7 @@ def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
                     raise ValueError(f"{source}: missing required key {section!r}")
                 raw_value = default
             else:
-                raw_value = raw[section]
+                raw_value = _coerce(raw[section], types)
             _check(section, raw_value, types)
             recipe[section] = raw_value
             continue
@@ -131,7 +141,7 @@ def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
         values = {}
         for key, (types, default) in spec.items():
             if key in given:
-                value = given[key]
+                value = _coerce(given[key], types)
             elif default is REQUIRED:
                 raise ValueError(f"{source}: missing required key {section}.{key}")
             else:

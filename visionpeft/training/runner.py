@@ -177,8 +177,13 @@ def datasets(recipe: dict[str, Any]) -> tuple[Dataset, Dataset]:
 
 def make_accelerator(recipe: dict[str, Any]):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
+    # accelerate keeps one global state per process; a sweep or a notebook runs several recipes (with other
+    # precisions) in one process, so start each from a clean state (the process group itself is kept)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     train = recipe["train"]
     return Accelerator(mixed_precision=train["precision"], gradient_accumulation_steps=train["grad_accum"],
                        cpu=train["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))

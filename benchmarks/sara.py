@@ -1,0 +1,164 @@
+"""SaRA against LoRA, full fine-tuning, dense masked sparse tuning and the frozen floor: training-step time
+and peak memory.
+
+Workloads: a UNet with SD-1.5's block structure (``visionpeft.models.configs.sd15_like_unet``, batch 2,
+32×32 latents, MSE on the noise) and timm ViT-S/16 (224 px, batch 8, head trained by every
+configuration). The loss of every configuration includes ``vp.regularization(model)`` (SaRA's rank
+penalty on one random layer; zero for the others). Configurations:
+
+* ``floor``: trunk frozen, activation gradients only (the reference for memory overhead);
+* ``full``: every parameter in AdamW;
+* ``lora``: visionpeft LoRA rank 8 on the family preset;
+* ``sara``: SaRA on the preset layers with ``budget`` = LoRA's trainable count (default: the weight path,
+  rebuilt in backward); ``sara-sparse``: the same with ``path="sparse"`` on linear ops (CSR products,
+  sampled dW); ``sara-all``: ``targets="all"`` (every tensor, as the paper) at the same budget;
+* ``masked``: LT-SFT-style dense masked sparse tuning: the preset weights themselves in AdamW with a
+  gradient hook that zeroes every entry outside the same smallest-magnitude selection (a dense bool mask).
+
+The targets in the issue: memory overhead above the floor ≤ 0.3× full's and ≤ 0.5× masked's; step time
+≤ 1.2× LoRA's.
+
+    python benchmarks/sara.py [--workloads unet vit_s16] [--device cuda] [--out FILE]
+    python benchmarks/sara.py --backprop    # one linear layer: weight path vs sparse path (fwd + bwd)
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import Workload, frozen_floor, main  # noqa: E402
+
+LORA_RANK = 8
+
+
+def _regularized(loss, model):
+    import visionpeft as vp
+
+    return loss + vp.regularization(model)
+
+
+def unet():
+    from visionpeft.models.configs import sd15_like_unet
+
+    return sd15_like_unet()[0]
+
+
+def unet_batch(device):
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),
+              "encoder_hidden_states": torch.randn(2, 77, 256, generator=g)}
+    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, 32, 32, generator=g).to(device)
+
+
+def unet_loss(model, inputs, target):
+    return _regularized(F.mse_loss(model(**inputs).sample, target), model)
+
+
+def vit():
+    import timm
+
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
+
+
+def image_batch(device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
+
+
+def vit_loss(model, inputs, target):
+    return _regularized(F.cross_entropy(model(inputs), target), model)
+
+
+WORKLOADS = {
+    "unet": Workload("SaRA on an SD-1.5-structured UNet, 32×32 latents, batch 2", unet, unet_batch, unet_loss,
+                     floor_params=lambda m: [m.conv_in.bias]),
+    "vit_s16": Workload("SaRA on timm ViT-S/16, 224 px, batch 8", vit, image_batch, vit_loss,
+                        floor_params=lambda m: [m.pos_embed], head=("head",)),
+}
+
+
+def lora_count(model) -> int:
+    """LoRA rank-8's trainable count on the preset: Σ rank · (out + fan_in) over the slots."""
+    from visionpeft.targeting import resolve_targets
+
+    return sum(LORA_RANK * (slot.out_features + slot.in_features)
+               for t in resolve_targets(model, None) for slot in (t.kind.slot(t.module, s, t.name) for s in t.slots))
+
+
+def full(model, workload):
+    return model
+
+
+def lora(model, workload):
+    import visionpeft as vp
+
+    return vp.attach(model, "lora", rank=LORA_RANK, unfreeze=list(workload.head))
+
+
+def sara(targets=None, path="auto"):
+    def setup(model, workload):
+        import visionpeft as vp
+
+        return vp.attach(model, "sara", targets=targets, budget=lora_count(model), path=path,
+                         unfreeze=list(workload.head))
+
+    return setup
+
+
+def masked(model, workload):
+    """Dense masked sparse tuning (LT-SFT style): whole weights in AdamW, gradients masked to the selection."""
+    from visionpeft.methods.sara import global_threshold
+    from visionpeft.targeting import resolve_targets
+
+    frozen_floor(model, workload)
+    weights = [t.kind.read(t.module, s) for t in resolve_targets(model, None) for s in t.slots]
+    theta = global_threshold(weights, lora_count(model))
+    for weight in weights:
+        param = weight if weight.is_leaf else weight.t()  # transformers' Conv1D is read transposed
+        mask = param.detach().abs() < theta
+        param.requires_grad_(True)
+        param.register_hook(lambda grad, mask=mask: grad * mask)
+    return model
+
+
+CONFIGS = {"floor": frozen_floor, "full": full, "lora": lora, "sara": sara(), "sara-sparse": sara(path="sparse"),
+           "sara-all": sara(targets="all"), "masked": masked}
+
+
+def backprop_benchmark(repeats: int = 10) -> str:
+    """Forward + backward of one linear layer with SaRA on the weight path and on the sparse path."""
+    import copy
+
+    import visionpeft as vp
+
+    lines = ["| (out, in), tokens | density | weight path (ms) | sparse path (ms) |", "|---|---:|---:|---:|"]
+    for (out, fan_in, tokens) in [(320, 320, 2048), (1280, 1280, 512), (2560, 640, 1024)]:
+        for density in (0.05, 0.01):
+            torch.manual_seed(0)
+            base = torch.nn.Sequential(torch.nn.Linear(fan_in, out))
+            x = torch.randn(tokens, fan_in, requires_grad=True)
+            times = {}
+            for path in ("weight", "sparse"):
+                model = vp.attach(copy.deepcopy(base), "sara", targets=["0"], density=density, path=path)
+                samples = []
+                for i in range(repeats + 2):
+                    start = time.perf_counter()
+                    model(x).square().mean().backward()
+                    if i >= 2:
+                        samples.append(time.perf_counter() - start)
+                times[path] = 1000 * statistics.median(samples)
+            lines.append(f"| ({out}, {fan_in}), {tokens} | {density} | {times['weight']:.1f} | {times['sparse']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--backprop" in sys.argv:
+        print(backprop_benchmark())
+    else:
+        main(CONFIGS, WORKLOADS, floor="floor", peer="lora")

@@ -1,0 +1,402 @@
+"""SaRA (Hu et al., ICLR 2025): train the pretrained weights that are too small to matter.
+
+Selection. One global magnitude threshold θ over every targeted tensor: the entries with ``|W0| < θ``
+(strict, as in the paper) train, everything else stays frozen. Give exactly one of ``threshold`` (θ
+itself), ``density`` (fraction of all targeted entries) or ``budget`` (number of entries); with none,
+``density=0.05``, so a call works on a model of any weight scale. For density/budget θ is the (k+1)-th
+smallest magnitude of all targeted entries, found exactly from two histograms of the float32 bit
+patterns built one tensor at a time (no copy of all the weights, unlike a global ``kthvalue``;
+``torch.quantile`` refuses more than 2^24 entries), so exactly k entries train unless magnitudes tie at
+θ (then fewer). ``targets="all"`` selects every parameter
+tensor (biases, norms, embeddings), as the paper does for UNets.
+
+Parameterization. Per slot: ``indices`` (flat positions into the canonical weight, int32 below 2^31
+entries, sorted; no weight-sized mask is kept), ``original = W0[indices]`` and the trainable leaf
+``values``, initialised to ``original`` (not to zero, and not to ``|original|``: bug 2 of the release).
+The layer runs with ``W0 + scatter(values − original)``, rebuilt every forward, so attaching is bit-exact,
+the delta for merge/unmerge/``scale`` is ``scatter(values − original)``, and ``values`` is an ordinary
+leaf: gradient accumulation, clipping, DDP/FSDP and ``model.parameters()`` all see it.
+
+Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is nnz-sized. Two paths:
+
+* ``"weight"`` (every layer kind): a custom autograd function copies W and index-adds the value change
+  in forward; backward returns only the gathered gradient ``dW[indices]`` (the dense dW of one layer
+  exists transiently inside that layer's backward, as in the reference). The op does not keep the
+  weight-sized copy for backward: it saves a recipe and rebuilds the copy when backward needs it
+  (``layers.kinds.rebuilt_on_backward``; a clone and an index_add, cheap next to the matmuls).
+* ``"sparse"`` (linear ops, float32/64): the base op runs unchanged and the change is added to its
+  output as ``x · ΔWᵀ`` with ΔW a CSR matrix; backward computes only the selected entries of dW
+  (``dW[i, j] = Σ_t g[t, i] · x[t, j]``, ``torch.sparse.sampled_addmm``) and ``g · ΔW`` sparsely.
+  No weight-sized tensor is built, kept or returned.
+
+Measured (``python benchmarks/sara.py --backprop``: forward + backward of one linear layer, x needing a
+gradient; 1 CPU thread on 2 shared cores, so ±20 %; ms, median of 10):
+
+    (out, in), tokens      density   weight path   sparse path
+    (320, 320), 2048        0.05         68            98
+    (320, 320), 2048        0.01         67            84
+    (1280, 1280), 512       0.05        258           248
+    (1280, 1280), 512       0.01        160           198
+    (2560, 640), 1024       0.05        493           542
+    (2560, 640), 1024       0.01        492           474
+
+On CPU torch's CSR products are no faster than the dense dW they avoid (the sparse path also runs the
+base op's own backward for x), so ``path="auto"`` takes the weight path everywhere and ``"sparse"`` is
+opt-in (worth measuring on GPUs, and it keeps no weight copy for backward).
+
+Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the current values
+scattered into a zero matrix; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE eligible
+layer drawn uniformly per call (torch's RNG): 2-D slots with ``min(out, in) > 64`` and more than 100
+selected entries, as in the reference. ``lambda_rank`` defaults to 5e-4, the released recipe; the
+paper's appendix says 5e-3.
+
+Progressive re-selection. ``visionpeft.step(model, step, total)`` at the first ``step >= progressive_at ·
+total`` (default 0.5; 1.0 disables) freezes the entries whose current value has grown to ``|v| >= θ``:
+their learned values are copied to ``frozen_values`` and the forward uses that copy from then on, so
+they get zero gradient and anything the optimizer still does to them (momentum, weight decay) has no
+effect. ``values`` keeps its size, so the optimizer and its state for the surviving entries carry on
+unchanged (no rebuild, no reset, no skipped update: bugs 1 and 10 of the release). The state is saved
+with the adapter (``frozen``, ``frozen_values``, ``reselected``).
+
+Saving. ``indices``, ``values``, ``original``, θ and a fingerprint of the whole base tensor (float64
+sums, absolute sums and squared sums over 8 contiguous chunks) are saved; loading onto a base whose
+fingerprint differs (relative 1e-3) raises ValueError before the model is touched.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from visionpeft.layers.kinds import REBUILD_ATTR, Slot
+from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, register
+
+DEFAULT_DENSITY = 0.05
+_RANK_MIN_SIZE = 64
+_RANK_MIN_ENTRIES = 100
+_FINGERPRINT_CHUNKS = 8
+_FINGERPRINT_TOLERANCE = 1e-3
+
+
+def _positive_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+
+
+def _fraction_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1)
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _path(value: Any) -> bool:
+    return value in ("auto", "weight", "sparse")
+
+
+def fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """(3, chunks) float64: sum, absolute sum and squared sum of 8 contiguous chunks of the flat weight."""
+    chunks = weight.detach().reshape(-1).double().tensor_split(_FINGERPRINT_CHUNKS)
+    return torch.stack([torch.stack([c.sum(), c.abs().sum(), c.square().sum()]) for c in chunks], dim=1)
+
+
+def _magnitude_bits(weight: torch.Tensor) -> torch.Tensor:
+    """|w| as float32 bit patterns: for non-negative floats, integer order is numeric order."""
+    return weight.detach().reshape(-1).float().abs().view(torch.int32)
+
+
+def _first_reaching(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bucket holding the ``rank``-th smallest entry (1-based), and how many entries lie before it."""
+    cumulative = counts.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor([rank], device=cumulative.device)))
+    return bucket, int(cumulative[bucket - 1]) if bucket else 0
+
+
+def global_threshold(weights: Sequence[torch.Tensor], keep: int) -> float:
+    """θ such that exactly the ``keep`` smallest magnitudes are ``< θ`` (fewer if magnitudes tie at θ):
+    the (keep+1)-th smallest magnitude. Exact, in two passes over the tensors one at a time (a histogram
+    of the high 16 bits of the float32 magnitudes, then of the low 16 bits inside the one bucket that
+    holds it), so no copy of all the weights is made as a global ``kthvalue`` would."""
+    if keep >= sum(w.numel() for w in weights):
+        return math.inf
+    buckets = 1 << 16
+    high = sum(torch.bincount(_magnitude_bits(w) >> 16, minlength=buckets).cpu() for w in weights)
+    bucket, before = _first_reaching(high, keep + 1)
+    low = sum(torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=buckets).cpu()
+              for bits in map(_magnitude_bits, weights))
+    offset, _ = _first_reaching(low, keep + 1 - before)
+    return torch.tensor((bucket << 16) | offset, dtype=torch.int32).view(torch.float32).item()
+
+
+def _storage_positions(index: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+    """Storage offsets of the row-major flat positions ``index`` in a dense tensor with ``strides``."""
+    positions = torch.zeros_like(index)
+    remaining = index
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        positions = positions + (remaining % size) * stride
+        remaining = torch.div(remaining, size, rounding_mode="floor")
+    return positions
+
+
+def scatter_add_copy(weight: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` with ``source`` added at the row-major flat positions ``index``. The copy keeps
+    the weight's memory layout (a transposed Conv1D weight stays transposed), so the op runs the same
+    kernel as on the base weight."""
+    out = weight.clone()
+    if out.is_contiguous():
+        out.view(-1).index_add_(0, index, source)
+    else:  # dense but permuted: address the storage directly
+        flat = out.as_strided((out.numel(),), (1,))
+        flat.index_add_(0, _storage_positions(index, tuple(out.shape), out.stride()), source)
+    return out
+
+
+class _ScatterAdd(torch.autograd.Function):
+    """:func:`scatter_add_copy` whose backward returns only the gathered gradient ``grad[index]``."""
+
+    @staticmethod
+    def forward(ctx, weight, source, index):
+        ctx.save_for_backward(index)
+        return scatter_add_copy(weight, source, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad_weight = grad if ctx.needs_input_grad[0] else None
+        grad_source = grad.reshape(-1).index_select(0, index) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_source, None
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class _SparseLinearDelta(torch.autograd.Function):
+    """``x · ΔWᵀ`` for x (tokens, in) and ΔW (out, in) given as CSR; backward computes only ΔW's entries."""
+
+    @staticmethod
+    def forward(ctx, x, delta_values, crow, col, shape):
+        ctx.save_for_backward(x, delta_values, crow, col)
+        ctx.shape = shape
+        return (_csr(crow, col, delta_values, shape) @ x.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, delta_values, crow, col = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (_csr(crow, col, delta_values, ctx.shape).t() @ grad.t()).t()
+        if ctx.needs_input_grad[1]:
+            pattern = _csr(crow, col, torch.zeros_like(delta_values), ctx.shape)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad.t().contiguous(), x, beta=0.0).values()
+        return grad_x, grad_values, None, None, None
+
+
+@register
+class SaRA(Method):
+    name = "sara"
+    #: q, k and v of a fused projection are separate matrices for the rank penalty (as diffusers' to_q/k/v)
+    split_fused = True
+    options = {
+        "threshold": Option(None, _positive_or_none, "a number > 0, or None",
+                            "θ: train the entries with |W0| < θ (give one of threshold/density/budget)"),
+        "density": Option(None, _fraction_or_none, "a number in (0, 1], or None",
+                          f"fraction of all targeted entries to train (default {DEFAULT_DENSITY} when no other is given)"),
+        "budget": Option(None, lambda v: v is None or positive_int(v), "an int >= 1, or None",
+                         "number of entries to train"),
+        "lambda_rank": Option(5e-4, _non_negative, "a number >= 0",
+                              "weight of the nuclear-norm penalty (release: 5e-4; paper appendix: 5e-3)"),
+        "progressive_at": Option(0.5, _fraction, "a number in (0, 1]",
+                                 "fraction of training after which grown entries freeze; 1.0 disables"),
+        "path": Option("auto", _path, "'auto', 'weight' or 'sparse'",
+                       "'sparse': linear ops add x·ΔWᵀ with only the selected dW entries; 'auto'/'weight': "
+                       "the op runs with W + ΔW (measured faster on CPU; see the module docstring)"),
+    }
+
+    def __init__(self, slot: Slot, threshold: float | None, density: float | None, budget: int | None,
+                 lambda_rank: float, progressive_at: float, path: str, selection: dict[str, Any] | None = None) -> None:
+        super().__init__(slot, threshold=threshold, density=density, budget=budget, lambda_rank=lambda_rank,
+                         progressive_at=progressive_at, path=path)
+        if selection is None:
+            raise ValueError("sara needs the selected entries (built by SaRA.prepare)")
+        index_dtype = torch.int32 if math.prod(slot.shape) < 2**31 else torch.int64
+        self.register_buffer("indices", selection["indices"].to(index_dtype))
+        self.register_buffer("original", selection["original"].clone())
+        self.values = nn.Parameter(selection["original"].to(adapter_dtype(slot.dtype)).clone())
+        self.register_buffer("theta", torch.tensor(selection["theta"], dtype=torch.float64))
+        self.register_buffer("fingerprint", selection["fingerprint"])
+        self.progressive = progressive_at < 1.0
+        if self.progressive:
+            self.register_buffer("frozen", torch.zeros_like(self.values, dtype=torch.bool))
+            self.register_buffer("frozen_values", torch.zeros_like(self.values))
+            self.register_buffer("reselected", torch.tensor(False))
+        self.lambda_rank = lambda_rank
+        self.progressive_at = progressive_at
+        self.path = path
+        self.rank_eligible = (len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
+                              and self.values.numel() > _RANK_MIN_ENTRIES)
+        self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- selection ---------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, slots, options):
+        given = [k for k in ("threshold", "density", "budget") if options[k] is not None]
+        if len(given) > 1:
+            raise ValueError(f"sara: give exactly one of threshold, density or budget; got {', '.join(given)}")
+        weights = [w for _, _, w in slots]
+        total = sum(w.numel() for w in weights)
+        if options["threshold"] is not None:
+            theta = float(options["threshold"])
+        else:
+            if options["budget"] is not None:
+                keep = options["budget"]
+                if keep > total:
+                    raise ValueError(f"sara: budget={keep} exceeds the {total} targeted entries")
+            else:
+                density = options["density"] if options["density"] is not None else DEFAULT_DENSITY
+                keep = max(1, round(density * total))
+            theta = global_threshold(weights, keep)
+        per_slot = []
+        for _, _, weight in slots:
+            flat = weight.detach().reshape(-1)
+            indices = (flat.abs() < theta).nonzero().squeeze(1)
+            per_slot.append(dict(options, selection={
+                "indices": indices, "original": flat[indices], "theta": theta, "fingerprint": fingerprint(weight)}))
+        return per_slot
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        where = prefix.rstrip(".")
+        saved = state_dict.get(prefix + "fingerprint")
+        if saved is not None and saved.shape == self.fingerprint.shape:
+            scale = self.fingerprint[[1, 1, 2]].clamp_min(1e-300)  # sums compare to absolute sums
+            gap = ((saved.to(self.fingerprint) - self.fingerprint).abs() / scale).max().item()
+            if gap > _FINGERPRINT_TOLERANCE:
+                raise ValueError(f"sara adapter {where!r} was trained on other base weights (fingerprint differs by "
+                                 f"{gap:.2e} relative); load it onto the model it was trained from")
+        indices = state_dict.get(prefix + "indices")
+        if indices is not None and indices.numel():
+            size = math.prod(self.slot_shape)
+            if indices.min() < 0 or indices.max() >= size or (indices.numel() > 1 and (indices.diff() <= 0).any()):
+                raise ValueError(f"sara adapter {where!r}: indices must be increasing positions in [0, {size})")
+        self._csr_structure = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- the delta ---------------------------------------------------------------------------
+    def current_values(self) -> torch.Tensor:
+        """The value of every selected entry, frozen ones at what they were when they froze."""
+        if self.progressive:
+            return torch.where(self.frozen, self.frozen_values, self.values)
+        return self.values
+
+    def value_change(self) -> torch.Tensor:
+        return self.current_values() - self.original.to(self.values.dtype)
+
+    def delta(self) -> torch.Tensor:
+        change = self.value_change()
+        dense = torch.zeros(math.prod(self.slot_shape), dtype=change.dtype, device=change.device)
+        return dense.index_add(0, self.indices, change).view(self.slot_shape)
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        change = self.value_change().to(weight.dtype)
+        effective = _ScatterAdd.apply(weight, change, self.indices)
+        # the op saves a recipe instead of this weight-sized copy (layers.kinds.rebuilt_on_backward); a
+        # weight that is itself rebuildable (another adapter's) is rebuilt rather than kept alive
+        source = getattr(weight, REBUILD_ATTR, None) or weight.detach
+        frozen_change, index = change.detach(), self.indices
+        setattr(effective, REBUILD_ATTR, lambda: scatter_add_copy(source(), frozen_change, index))
+        return effective
+
+    def uses_activation_path(self, slot: Slot) -> bool:
+        return self.path == "sparse" and slot.op == "linear" and slot.dtype in (torch.float32, torch.float64)
+
+    def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
+        crow, col = self._csr()
+        rows = x.reshape(-1, x.shape[-1])
+        change = _SparseLinearDelta.apply(rows, self.value_change().to(x.dtype), crow, col, tuple(self.slot_shape))
+        return out.add_(change.reshape(out.shape).to(out.dtype))
+
+    def _csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR row pointers and column indices of the selection (cached; indices are sorted)."""
+        if self._csr_structure is None or self._csr_structure[1].device != self.indices.device:
+            out, fan_in = self.slot_shape
+            rows = torch.div(self.indices, fan_in, rounding_mode="floor")
+            crow = torch.zeros(out + 1, dtype=self.indices.dtype, device=self.indices.device)
+            crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+            self._csr_structure = (crow, self.indices % fan_in)
+        return self._csr_structure
+
+    # --- training hooks ----------------------------------------------------------------------
+    def trainable_entries(self) -> int:
+        """How many selected entries still train (after a progressive re-selection, fewer than selected)."""
+        return self.values.numel() - (int(self.frozen.sum()) if self.progressive else 0)
+
+    def rank_penalty(self) -> torch.Tensor:
+        """``lambda_rank · ‖W_M‖_*`` of the current values in float32."""
+        values = self.current_values().float()
+        matrix = torch.zeros(math.prod(self.slot_shape), dtype=torch.float32, device=values.device)
+        matrix = matrix.index_add(0, self.indices, values).view(self.slot_shape)
+        return self.lambda_rank * torch.linalg.svdvals(matrix).sum()
+
+    @classmethod
+    def model_penalty(cls, instances):
+        eligible = [m for m in instances if m.rank_eligible and m.lambda_rank > 0]
+        if not eligible:
+            return None
+        return eligible[int(torch.randint(len(eligible), ()))].rank_penalty()
+
+    @torch.no_grad()
+    def reselect(self) -> None:
+        """Freeze the entries whose value has grown to |v| >= θ, at their current value."""
+        if not self.progressive:
+            raise ValueError("sara: progressive re-selection is disabled (progressive_at=1.0)")
+        current = self.current_values()
+        grown = (current.abs() >= self.theta.to(current.dtype)) & ~self.frozen
+        self.frozen_values.copy_(torch.where(grown, current, self.frozen_values))
+        self.frozen |= grown
+        self.reselected.fill_(True)
+
+    @classmethod
+    def model_step(cls, instances, step, total_steps):
+        for method in instances:
+            if method.progressive and not method.reselected and step >= method.progressive_at * total_steps:
+                method.reselect()
+
+    def extra_repr(self) -> str:
+        return (f"selected={self.values.numel()}, trainable={self.trainable_entries()}, theta={self.theta.item():.3g}, "
+                f"lambda_rank={self.lambda_rank}, progressive_at={self.progressive_at}, path={self.path}")
+
+
+def merge_weighted(model: nn.Module, strengths: dict[str, float]) -> nn.Module:
+    """Fold several attached adapters into the base weights, each with its own strength:
+    ``W = W0 + Σ_k strengths[k] · ΔW_k`` (e.g. two SaRA styles at 0.6 each). ``visionpeft.unmerge``
+    takes them out again. Adapters not named stay as they are.
+
+    Raises ValueError (before any weight changes) for an unknown or already merged adapter or a
+    strength that is not a number.
+    """
+    from visionpeft.core import adapted_layers, records
+
+    attached = records(model)
+    for name, strength in strengths.items():
+        if name not in attached:
+            raise ValueError(f"adapter {name!r} is not attached; attached: {', '.join(attached) or '(none)'}")
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool):
+            raise ValueError(f"strength {strength!r} for adapter {name!r} must be a number")
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = sorted({a for layer in layers for a in layer._vp_merged if a in strengths})
+    if merged:
+        raise ValueError(f"adapter(s) {merged} are already merged; unmerge first")
+    for layer in layers:
+        for name, strength in strengths.items():
+            if name in layer.vp_adapters:
+                layer.vp_merge(name, float(strength))
+    return model

@@ -1,0 +1,408 @@
+"""SNELLA (arXiv 2510.24037) and SNELL (Shen et al., NeurIPS 2024): kernelized sparse tuning.
+
+Two low-rank factors, each split into P = 2 pieces of rank r/2 (``in_pieces`` (P, fan_in, r/2) and
+``out_pieces`` (P, out, r/2); r·(in + out) parameters, as LoRA-r), are merged through a non-linear
+kernel into a full-rank matrix K (out × fan_in):
+
+    distance:          K[j, i] = Σ_p α_p ‖out_p[j] − in_p[i]‖₂,  α = (+0.1, −0.1) fixed (as the reference code)
+    distance+softmax:  K' = K + a · (softmax_j(K / γ) − 1/out) + β / fan_in,  a, γ, β trainable (init 1, 1, 0)
+
+and only the ``budget`` largest-magnitude entries of K (or K') survive (competition inside a layer):
+ΔW = K ⊙ 1[top-budget |K|]. SNELLA re-allocates the budgets across layers during training
+(competition across layers, :meth:`SNELLA.model_step`); SNELL (``"snell"``) keeps every layer at
+``density`` with the plain distance kernel.
+
+Choices that differ from the reference code (``shared/methods/flora_snella.md`` §2-3, §6):
+
+* **Exact zero start.** The reference draws the two pieces independently, so K starts small but not zero.
+  Here both pieces start identical (in_1 = in_2, out_1 = out_2, Kaiming-uniform as the reference): with
+  α = (+0.1, −0.1) the two distances cancel exactly, so K = 0 and attaching changes nothing, bit for bit.
+  The dynamics survive: the gradients of the two pieces are exact opposites (α₁ = −α₂), so the pieces
+  separate from the first step and K becomes full-rank. The softmax term is centred (the uniform 1/out
+  subtracted, computed as (e − mean e)/Σe, which is exactly 0 when K = 0) and β starts at 0.
+  ``benchmarks/snella.py --init-compare`` trains both starts side by side.
+* **Shift per input mean.** The reference adds β to every entry, i.e. β·Σᵢxᵢ to every output; here β/fan_in,
+  i.e. β·meanᵢ(xᵢ), so the shift's effect (and its Adam step) does not grow with the layer's width, and the
+  cancellation in β·Σᵢxᵢ (inputs after a norm are near zero-mean) does not amplify merge round-off.
+* **Plain hard threshold, no magnitude re-weighting.** The reference multiplies the kept entries by a
+  detached |K| (so ΔW = K·|K| and dΔW/dK = |K|). At an exact zero start that gradient is exactly zero and
+  nothing would ever train, so ΔW = K on the kept entries (gradient 1 there, 0 elsewhere). Dropped
+  entries re-enter through the shared factors. Consequence: the reference's learning rates do not carry
+  over (its updates are quadratic in K, these are linear).
+* **Threshold by ``topk``** on the smaller side (largest ``budget`` or smallest ``numel − budget``),
+  which keeps exactly ``budget`` entries even with ties and works past torch.quantile's 2^24 limit.
+* **Budgets are integer counts** (a persistent int64 buffer ``budget``, saved with the adapter), so the
+  global target holds exactly: at the end of the schedule Σ budget = ⌊density · Σ numel⌋.
+
+Schedule (SNELLA): call ``vp.step(model, step, total_steps)`` after every ``optimizer.step()`` and *before*
+``zero_grad()`` — the importance needs the gradients. ``step`` counts optimizer steps (1..total_steps);
+``warmup`` and ``final`` are fractions of ``total_steps``, ``interval`` is in steps. Every call updates the
+importance EMAs of |θ·∇θ| over both factors (sensitivity Ī, uncertainty Ū = EMA |I − Ī|; layer score =
+mean(Ī·Ū) over ``in_pieces`` + the same over ``out_pieces``). The global budget stays at ``init_density``
+during the warm-up, decays cubically to ``density``, and is held there in the final phase; budgets are
+re-allocated proportionally to the scores every ``interval`` steps during the decay and at every step of
+the final phase. (The reference calls its allocator once per epoch; here the units are the caller's steps.)
+
+Memory and paths (``path``): K is never kept for backward; it is rebuilt from the factors there.
+``"activation"`` (default) adds x·ΔWᵀ to the base output: on linear ops through a custom autograd
+function that saves only x and the factors, on convs under non-reentrant checkpointing, so nothing
+weight-sized is kept; it costs three matmuls per layer more than the frozen layer (x·ΔWᵀ, dL/dy·ΔW and
+the gradient of ΔW). ``"weight"`` runs the op with W + ΔW (ΔW checkpointed): one extra matmul, but the
+op keeps the weight-sized W + ΔW for backward. Matmuls dominate either way (the kernel, its top-k and
+their rebuild are ~20% of the layer's time). Measured on one ViT-S block (8 × 197 tokens; q, k, v, proj,
+fc1, fc2 adapted at r = 8, density 0.3), forward + backward on one CPU thread: frozen 0.64 s, LoRA 0.78 s,
+weight path 1.23 s, activation path 1.50 s; ``benchmarks/snella.py`` measures a whole training step.
+Grouped convs (unless dropout is on), MultiheadAttention, fused q/k/v blocks (which the adapted layer
+always runs as W + ΔW) and generic modules always use the weight path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from visionpeft.layers.kinds import Slot
+from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, probability, register
+
+#: α_p of the distance kernel's two pieces (constants in the reference code); opposite signs are what
+#: makes identical pieces an exact zero start
+PIECE_WEIGHTS = (0.1, -0.1)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+def pairwise_distances(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """‖rows[p, j] − columns[p, i]‖₂ for every piece p, shaped (P, len(rows), len(columns)).
+
+    Written out (‖r‖² + ‖c‖² − 2 r·c) rather than ``torch.cdist``, which runs other kernels with and without
+    autograd: the forward, the rebuild in backward and ``delta()`` (merge) must round identically so that
+    the top-k mask and the merged weight match the trained forward.
+    """
+    squared = rows.pow(2).sum(-1, keepdim=True) + columns.pow(2).sum(-1).unsqueeze(-2)
+    return torch.baddbmm(squared, rows, columns.transpose(-1, -2), alpha=-2).clamp_min_(1e-30).sqrt()
+
+
+def distance_kernel(in_pieces: torch.Tensor, out_pieces: torch.Tensor,
+                    weights: Sequence[float] = PIECE_WEIGHTS) -> torch.Tensor:
+    """K[j, i] = Σ_p weights[p] · ‖out_pieces[p, j] − in_pieces[p, i]‖₂, shaped (out, in).
+
+    The pieces are summed elementwise (not as a contraction), so identical pieces with weights of
+    opposite sign give exactly zero.
+    """
+    distances = pairwise_distances(out_pieces, in_pieces)
+    kernel = distances[0] * weights[0]
+    for piece, weight in zip(distances[1:], weights[1:]):
+        kernel = kernel + piece * weight
+    return kernel
+
+
+def softmax_mixture(kernel: torch.Tensor, scale: torch.Tensor, temperature: torch.Tensor,
+                    shift: torch.Tensor) -> torch.Tensor:
+    """SNELLA's mixture K + scale · (softmax over outputs of K / temperature − 1/out) + shift.
+
+    The centred softmax is computed as (e − mean e) / Σe, which is exactly zero when K is constant
+    along the outputs, so the mixture of a zero K is exactly zero.
+    """
+    z = kernel / temperature
+    e = torch.exp(z - z.amax(dim=0, keepdim=True).detach())
+    centred = (e - e.mean(dim=0, keepdim=True)) / e.sum(dim=0, keepdim=True)
+    return kernel + scale * centred + shift
+
+
+def keep_largest(kernel: torch.Tensor, budget: int) -> torch.Tensor:
+    """``kernel`` with all but its ``budget`` largest-magnitude entries set to zero (exactly ``budget`` kept)."""
+    numel = kernel.numel()
+    if budget >= numel:
+        return kernel
+    if budget <= 0:
+        return torch.zeros_like(kernel)
+    magnitude = kernel.detach().abs().flatten()
+    if 2 * budget <= numel:
+        mask = torch.zeros(numel, dtype=torch.bool, device=kernel.device)
+        mask[magnitude.topk(budget, sorted=False).indices] = True
+    else:
+        mask = torch.ones(numel, dtype=torch.bool, device=kernel.device)
+        mask[magnitude.topk(numel - budget, largest=False, sorted=False).indices] = False
+    return torch.where(mask.view_as(kernel), kernel, 0.0)
+
+
+KERNELS = ("distance", "distance+softmax")
+PATHS = ("activation", "weight")
+
+
+# --- the budget schedule -------------------------------------------------------------------------
+def scheduled_budget(step: int, total_steps: int, initial: int, target: int, warmup: float, final: float) -> int:
+    """Global number of non-zero entries at ``step``: ``initial`` during the warm-up, a cubic decay to
+    ``target``, then ``target`` for the final phase (AdaLoRA's schedule, in steps)."""
+    start = round(warmup * total_steps)
+    end = total_steps - round(final * total_steps)
+    if step <= start:
+        return initial
+    if step >= end:
+        return target
+    remaining = 1.0 - (step - start) / (end - start)
+    return target + int((initial - target) * remaining ** 3)
+
+
+def allocate(budget: int, scores: Sequence[float], capacities: Sequence[int]) -> list[int]:
+    """Split ``budget`` non-zeros over layers proportionally to ``scores``, capped at each capacity; what a
+    full layer cannot take goes to the others. Returns counts summing to min(budget, Σ capacities)."""
+    total = sum(scores)
+    usable = math.isfinite(total) and total > 0
+    shares = [s / total if usable else 1.0 / len(scores) for s in scores]
+    kept = [0] * len(capacities)
+    left = min(budget, sum(capacities))
+    while left > 0:
+        open_layers = [i for i, cap in enumerate(capacities) if kept[i] < cap]
+        weight = sum(shares[i] for i in open_layers)
+        portion = {i: shares[i] / weight if weight > 0 else 1.0 / len(open_layers) for i in open_layers}
+        given = 0
+        for i in open_layers:
+            add = min(int(left * portion[i]), capacities[i] - kept[i])
+            kept[i] += add
+            given += add
+        if given == 0:  # every proportional share rounded down to zero: one each, most important first
+            for i in sorted(open_layers, key=lambda i: -portion[i])[:left]:
+                kept[i] += 1
+                given += 1
+        left -= given
+    return kept
+
+
+# --- option checks -------------------------------------------------------------------------------
+def _even_rank(value: Any) -> bool:
+    return positive_int(value) and value % 2 == 0
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _betas(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(probability(b) for b in value)
+
+
+class _LinearKernelDelta(torch.autograd.Function):
+    """y = x · ΔWᵀ where ΔW = build(*factors) is rebuilt in backward instead of being saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, build: Callable[..., torch.Tensor], *factors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            delta = build(*factors)
+        ctx.build = build
+        ctx.save_for_backward(x, *factors)
+        return F.linear(x, delta.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *factors = ctx.saved_tensors
+        leaves = [f.detach().requires_grad_(needs) for f, needs in zip(factors, ctx.needs_input_grad[2:])]
+        with torch.enable_grad():
+            delta = ctx.build(*leaves)
+        grad_x = grad_out @ delta.detach().to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        trainable = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = {}
+        if trainable and delta.requires_grad:
+            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_delta = (flat_grad.t() @ x.reshape(-1, x.shape[-1]).to(flat_grad.dtype)).to(delta.dtype)
+            found = torch.autograd.grad(delta, trainable, grad_delta, allow_unused=True)
+            grads = {id(leaf): g for leaf, g in zip(trainable, found)}
+        return (grad_x, None, *(grads.get(id(leaf)) for leaf in leaves))
+
+
+@register
+class SNELLA(Method):
+    name = "snella"
+    split_fused = True
+    #: whether :meth:`model_step` re-allocates the per-layer budgets (SNELL keeps them fixed)
+    allocates = True
+    options = {
+        "rank": Option(8, _even_rank, "an even int >= 2", "rank of the factors (two pieces of rank/2)"),
+        "density": Option(0.5, _fraction, "a number in (0, 1]",
+                          "final fraction of the targeted entries that may be non-zero (1 - the reference's sparsity)"),
+        "init_density": Option(1.0, _fraction, "a number in (0, 1], >= density", "global density before the decay"),
+        "warmup": Option(0.1, probability, "a float in [0, 1)", "fraction of total_steps kept at init_density"),
+        "final": Option(0.1, probability, "a float in [0, 1)", "fraction of total_steps held at density at the end"),
+        "interval": Option(10, positive_int, "an int >= 1", "steps between re-allocations during the decay"),
+        "betas": Option((0.85, 0.85), _betas, "two floats in [0, 1)", "EMA factors of sensitivity and uncertainty"),
+        "kernel": Option("distance+softmax", lambda v: v in KERNELS, " or ".join(map(repr, KERNELS)),
+                         "merge of the factors: distance, or distance plus SNELLA's softmax mixture"),
+        "dropout": Option(0.0, probability, "a float in [0, 1)", "dropout on the adapter's input"),
+        "path": Option("activation", lambda v: v in PATHS, " or ".join(map(repr, PATHS)),
+                       "linear/conv forward: x·ΔWᵀ added to the output (nothing weight-sized kept), or the op with "
+                       "W + ΔW (faster, keeps W + ΔW for backward)"),
+    }
+
+    def __init__(self, slot: Slot, rank: int, density: float, init_density: float, warmup: float, final: float,
+                 interval: int, betas: Sequence[float], kernel: str, dropout: float, path: str) -> None:
+        super().__init__(slot, rank=rank, density=density, init_density=init_density, warmup=warmup, final=final,
+                         interval=interval, betas=tuple(betas), kernel=kernel, dropout=dropout, path=path)
+        self.path = path
+        dtype = adapter_dtype(slot.dtype)
+        half = rank // 2
+        pieces = len(PIECE_WEIGHTS)
+        # identical pieces: the two distances cancel exactly (module docstring, "Exact zero start")
+        in_piece = nn.init.uniform_(torch.empty(slot.in_features, half, dtype=dtype, device=slot.device),
+                                    -1 / math.sqrt(slot.in_features * half), 1 / math.sqrt(slot.in_features * half))
+        out_piece = nn.init.uniform_(torch.empty(slot.out_features, half, dtype=dtype, device=slot.device),
+                                     -1 / math.sqrt(slot.out_features * half), 1 / math.sqrt(slot.out_features * half))
+        self.in_pieces = nn.Parameter(in_piece.expand(pieces, -1, -1).clone())
+        self.out_pieces = nn.Parameter(out_piece.expand(pieces, -1, -1).clone())
+        # (scale a, temperature γ, shift β) of the softmax mixture
+        self.mixture = nn.Parameter(torch.tensor([1.0, 1.0, 0.0], dtype=dtype, device=slot.device)) \
+            if kernel == "distance+softmax" else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.numel = slot.out_features * slot.in_features
+        self._budget = min(self.numel, math.floor(init_density * self.numel))
+        self.register_buffer("budget", torch.tensor(self._budget, dtype=torch.int64, device=slot.device))
+        if self.allocates:  # importance EMAs: training state, not saved
+            for name in ("sensitivity_in", "uncertainty_in"):
+                self.register_buffer(name, torch.zeros_like(self.in_pieces), persistent=False)
+            for name in ("sensitivity_out", "uncertainty_out"):
+                self.register_buffer(name, torch.zeros_like(self.out_pieces), persistent=False)
+
+    @classmethod
+    def prepare(cls, slots, options):
+        if cls.allocates:
+            cls._check_schedule(options)
+        return super().prepare(slots, options)
+
+    @classmethod
+    def _check_schedule(cls, options: dict[str, Any]) -> None:
+        if options["init_density"] < options["density"]:
+            raise ValueError(f"{cls.name}: init_density={options['init_density']!r} is below "
+                             f"density={options['density']!r}; allowed: init_density >= density (the budget only shrinks)")
+        if options["warmup"] + options["final"] >= 1:
+            raise ValueError(f"{cls.name}: warmup={options['warmup']!r} + final={options['final']!r} leaves no decay phase; "
+                             f"allowed: warmup + final < 1")
+
+    # --- the delta -------------------------------------------------------------------------------
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        return (self.in_pieces, self.out_pieces) if self.mixture is None else (self.in_pieces, self.out_pieces, self.mixture)
+
+    def _builder(self) -> Callable[..., torch.Tensor]:
+        """A pure function of the factors (budget fixed now), rebuilt identically in backward.
+
+        Autocast is off inside: the forward (possibly under autocast), the rebuild in backward (never under
+        autocast) and ``delta()`` must produce the same K and the same mask.
+        """
+        budget = self._budget
+
+        def build(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
+            with torch.autocast(in_pieces.device.type, enabled=False):
+                kernel = distance_kernel(in_pieces, out_pieces)
+                if mixture is not None:
+                    kernel = softmax_mixture(kernel, mixture[0], mixture[1], mixture[2] / kernel.shape[1])
+                return keep_largest(kernel, budget)
+
+        return build
+
+    def delta(self) -> torch.Tensor:
+        return self._builder()(*self._factors()).view(self.slot_shape)
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return weight + self.delta().to(weight.dtype)
+        delta = checkpoint(self._builder(), *self._factors(), use_reentrant=False)
+        return weight + delta.view(self.slot_shape).to(weight.dtype)
+
+    def uses_activation_path(self, slot: Slot) -> bool:
+        if slot.op not in ("linear", "conv"):
+            return False
+        if self.dropout is not None:  # only the activation path can drop the adapter's input
+            return True
+        # a grouped conv's W + ΔW is small
+        return self.path == "activation" and (slot.op == "linear" or slot.groups == 1)
+
+    def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        build = self._builder()
+        if slot.op == "linear":
+            return out.add_(_LinearKernelDelta.apply(x, build, *self._factors()).to(out.dtype))
+        shape = self.slot_shape
+
+        def conv(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+            return slot.run(x, build(*factors).view(shape).to(x.dtype))
+
+        if not torch.is_grad_enabled():
+            return out.add_(conv(x, *self._factors()).to(out.dtype))
+        return out.add_(checkpoint(conv, x, *self._factors(), use_reentrant=False).to(out.dtype))
+
+    # --- sparsity --------------------------------------------------------------------------------
+    @property
+    def current_density(self) -> float:
+        """Fraction of this slot's entries allowed to be non-zero now."""
+        return self._budget / self.numel
+
+    def set_budget(self, budget: int) -> None:
+        self._budget = int(budget)
+        self.budget.fill_(self._budget)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._budget = int(self.budget)  # the forward reads a Python int: no device sync per call
+
+    @torch.no_grad()
+    def update_importance(self, betas: Sequence[float]) -> None:
+        """One EMA step of sensitivity |θ·∇θ| and its uncertainty, for both factors (skipped without grads)."""
+        beta1, beta2 = betas
+        for param, sensitivity, uncertainty in ((self.in_pieces, self.sensitivity_in, self.uncertainty_in),
+                                                (self.out_pieces, self.sensitivity_out, self.uncertainty_out)):
+            if param.grad is None:
+                continue
+            current = (param * param.grad).abs().nan_to_num_(0.0, 0.0, 0.0)
+            sensitivity.mul_(beta1).add_(current, alpha=1 - beta1)
+            uncertainty.mul_(beta2).add_((current - sensitivity).abs_(), alpha=1 - beta2)
+
+    def importance(self) -> torch.Tensor:
+        """Layer score: mean sensitivity × uncertainty over each factor, summed (a 0-dim tensor)."""
+        return (self.sensitivity_in * self.uncertainty_in).mean() + (self.sensitivity_out * self.uncertainty_out).mean()
+
+    @classmethod
+    def model_step(cls, instances: Sequence["SNELLA"], step: int, total_steps: int) -> None:
+        """Update every layer's importance; re-allocate the global budget when the schedule says so.
+
+        Must run after ``optimizer.step()`` and before ``zero_grad()`` (the importance reads the gradients).
+        """
+        if not cls.allocates or not instances:
+            return
+        config = instances[0].config
+        for method in instances:
+            method.update_importance(config["betas"])
+        start = round(config["warmup"] * total_steps)
+        end = total_steps - round(config["final"] * total_steps)
+        if step <= start or (step < end and (step - start) % config["interval"]):
+            return
+        capacities = [m.numel for m in instances]
+        initial = sum(min(n, math.floor(config["init_density"] * n)) for n in capacities)
+        target = math.floor(config["density"] * sum(capacities))
+        budget = scheduled_budget(step, total_steps, initial, target, config["warmup"], config["final"])
+        device = instances[0].budget.device
+        scores = torch.stack([m.importance().to(device) for m in instances]).tolist()  # one sync, not one per layer
+        for method, count in zip(instances, allocate(budget, scores, capacities)):
+            method.set_budget(count)
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.config['rank']}, kernel={self.config['kernel']}, "
+                f"density={self.current_density:.3f} (target {self.config['density']})")
+
+
+@register
+class SNELL(SNELLA):
+    """SNELL: the distance kernel at a fixed ``density`` in every layer (no allocation, no schedule)."""
+
+    name = "snell"
+    allocates = False
+    options = {key: SNELLA.options[key] for key in ("rank", "density", "dropout", "path")}
+
+    def __init__(self, slot: Slot, rank: int, density: float, dropout: float, path: str) -> None:
+        super().__init__(slot, rank=rank, density=density, init_density=density, warmup=0.0, final=0.0, interval=1,
+                         betas=(0.85, 0.85), kernel="distance", dropout=dropout, path=path)
+        self.config = dict(rank=rank, density=density, dropout=dropout, path=path)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.config['rank']}, kernel=distance, density={self.current_density:.3f}"
