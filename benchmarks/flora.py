@@ -20,10 +20,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main  # noqa: E402
+from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch  # noqa: E402
 
 FLORA_RANK, LORA_RANK, LYCORIS_RANK = 8, 5, 8
 
@@ -37,38 +37,15 @@ def classifier(name):
     return build
 
 
-def image_batch(device):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(8, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
-
-
-def ce(model, inputs, target):
-    return F.cross_entropy(model(inputs), target)
-
-
-def unet():
-    from visionpeft.models.configs import sd15_like_unet
-
-    return sd15_like_unet()[0]
-
-
-def unet_batch(device):
-    g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),
-              "encoder_hidden_states": torch.randn(2, 77, 256, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, 32, 32, generator=g).to(device)
-
-
-def mse(model, inputs, target):
-    return F.mse_loss(model(**inputs).sample, target)
-
-
 WORKLOADS = {
-    "resnet50": Workload("Conv adapters on timm ResNet-50, 224 px, batch 8", classifier("resnet50"), image_batch, ce,
+    "resnet50": Workload("Conv adapters on timm ResNet-50, 224 px, batch 8", classifier("resnet50"), image_batch,
+                         classification_loss,
                          floor_params=lambda m: list(m.bn1.parameters()), head=("fc",)),
-    "convnext_t": Workload("Conv adapters on timm ConvNeXt-T, 224 px, batch 8", classifier("convnext_tiny"), image_batch, ce,
+    "convnext_t": Workload("Conv adapters on timm ConvNeXt-T, 224 px, batch 8", classifier("convnext_tiny"), image_batch,
+                           classification_loss,
                            floor_params=lambda m: list(m.stem[1].parameters()), head=("head.fc",)),
-    "unet": Workload("Conv adapters on an SD-1.5-structured UNet (35M params), 32×32 latents, batch 2", unet, unet_batch, mse,
+    "unet": Workload("Conv adapters on an SD-1.5-structured UNet (35M params), 32×32 latents, batch 2", sd_unet,
+                     unet_batch, noise_loss,
                      floor_params=lambda m: [m.conv_in.bias]),
 }
 

@@ -173,12 +173,16 @@ def render(rows: list[dict], floor: str, peer: str, title: str, args) -> str:
              f"| configuration | trainable params | optimizer state (elements) | attach (s) | step (s) | × floor | × {peer} "
              f"| peak memory (MB) | above floor (MB) | ÷ {peer}'s overhead |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def ratio(a, b):
+        return f"{a / b:.2f}" if b else "–"
+
     for r in rows:
-        over = r["peak_mb"] - f["peak_mb"] if f else float("nan")
-        peer_over = p["peak_mb"] - f["peak_mb"] if (p and f) else float("nan")
-        ratio_over = over / peer_over if peer_over and peer_over > 0 else float("nan")
+        over = r["peak_mb"] - f["peak_mb"] if f else None
+        peer_over = p["peak_mb"] - f["peak_mb"] if (p and f) else None
         lines.append(
-            f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r.get('setup_s', float('nan')):.2f} | {r['step_s']:.3f} | "
-            f"{r['step_s'] / f['step_s']:.2f} | {r['step_s'] / p['step_s']:.2f} | {r['peak_mb']:.0f} | {over:+.0f} | {ratio_over:.2f} |"
+            f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r.get('setup_s', float('nan')):.2f} | "
+            f"{r['step_s']:.3f} | {ratio(r['step_s'], f and f['step_s'])} | {ratio(r['step_s'], p and p['step_s'])} | "
+            f"{r['peak_mb']:.0f} | {'–' if over is None else f'{over:+.0f}'} | "
+            f"{ratio(over, peer_over) if (over is not None and peer_over and peer_over > 0) else '–'} |"
         )
     return "\n".join(lines)

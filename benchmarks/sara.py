@@ -29,56 +29,18 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main  # noqa: E402
+from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch, vit_s16  # noqa: E402
 
 LORA_RANK = 8
 
 
-def _regularized(loss, model):
-    import visionpeft as vp
-
-    return loss + vp.regularization(model)
-
-
-def unet():
-    from visionpeft.models.configs import sd15_like_unet
-
-    return sd15_like_unet()[0]
-
-
-def unet_batch(device):
-    g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),
-              "encoder_hidden_states": torch.randn(2, 77, 256, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, 32, 32, generator=g).to(device)
-
-
-def unet_loss(model, inputs, target):
-    return _regularized(F.mse_loss(model(**inputs).sample, target), model)
-
-
-def vit():
-    import timm
-
-    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
-
-
-def image_batch(device):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(8, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
-
-
-def vit_loss(model, inputs, target):
-    return _regularized(F.cross_entropy(model(inputs), target), model)
-
-
 WORKLOADS = {
-    "unet": Workload("SaRA on an SD-1.5-structured UNet, 32×32 latents, batch 2", unet, unet_batch, unet_loss,
+    "unet": Workload("SaRA on an SD-1.5-structured UNet, 32×32 latents, batch 2", sd_unet, unet_batch, noise_loss,
                      floor_params=lambda m: [m.conv_in.bias]),
-    "vit_s16": Workload("SaRA on timm ViT-S/16, 224 px, batch 8", vit, image_batch, vit_loss,
+    "vit_s16": Workload("SaRA on timm ViT-S/16, 224 px, batch 8", vit_s16, image_batch, classification_loss,
                         floor_params=lambda m: [m.pos_embed], head=("head",)),
 }
 

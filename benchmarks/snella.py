@@ -31,29 +31,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main  # noqa: E402
+from workloads import classification_loss, image_batch, vit_s16  # noqa: E402
 
 RANK = 8
 DENSITY = 0.3
 PRESET = ("qkv", "proj", "fc1", "fc2")
 
 
-def build():
-    import timm
-
-    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
-
-
-def make_batch(device):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(8, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
-
-
-def loss_fn(model, inputs, target):
-    return F.cross_entropy(model(inputs), target)
-
-
 VIT_S = Workload(f"SNELLA r={RANK} vs LoRA and masked dense tuning (density {DENSITY}), timm ViT-S/16, 224 px, batch 8",
-                 build, make_batch, loss_fn, floor_params=lambda m: [m.pos_embed], head=("head",))
+                 vit_s16, image_batch, classification_loss, floor_params=lambda m: [m.pos_embed], head=("head",))
 
 
 def lora(model, workload):

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import visionpeft as vp
 
@@ -32,3 +33,14 @@ def roundtrip(model, tmp_path, fresh):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+class Wrap(nn.Module):
+    """A one-layer model, so that targets=["layer"] selects exactly the layer under test."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)

@@ -7,17 +7,8 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from conftest import max_rel, perturb
+from conftest import Wrap, max_rel, perturb
 from visionpeft.methods.flora import mode_ranks, tucker_to_tensor
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def flora_of(model):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionpeft as vp
-from conftest import max_rel, perturb
+from conftest import Wrap, max_rel, perturb
 from visionpeft.methods import get_method
 
 
@@ -29,15 +29,6 @@ METHODS = {
 def deltas(layer, adapter="default"):
     """The method's own ΔW per slot (each method's tests check delta() against its formula)."""
     return {slot: layer.vp_delta(adapter, slot) for slot in layer.vp_adapters[adapter]}
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return self.layer(*args, **kwargs)
 
 
 CONVS = [

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionpeft as vp
-from conftest import max_rel, perturb
+from conftest import Wrap, max_rel, perturb
 from visionpeft.core import adapted_layers
 from visionpeft.methods.snella import allocate, distance_kernel, keep_largest, scheduled_budget, softmax_mixture
 from visionpeft.models import build
@@ -38,15 +38,6 @@ def train(model, loss_fn, total_steps, lr=1e-2):
         vp.step(model, step, total_steps)  # after optimizer.step(), before zero_grad(): reads the gradients
         optimizer.zero_grad(set_to_none=True)
     return model
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 # --- kernels and sparsifier ------------------------------------------------------------------------

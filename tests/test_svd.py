@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from conftest import max_rel, perturb
+from conftest import perturb
 from visionpeft.methods.svd import decompose
 from visionpeft.models import build
 

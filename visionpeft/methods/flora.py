@@ -27,6 +27,7 @@ from visionpeft.layers.kinds import Slot
 from visionpeft.methods.base import (
     Method, Option, adapter_dtype, positive_int, positive_number_or_none, probability, register,
 )
+from visionpeft.methods.lowrank import add_low_rank_output
 
 DEFAULT_SCALE = 4.0
 
@@ -131,13 +132,11 @@ class FLoRA(Method):
         return self.path == "branch" or slot.op == "linear" or slot.groups == 1 or self.dropout is not None
 
     def spatial_core(self) -> torch.Tensor:
-        """The core with its kernel modes expanded: (r_out, r_in, *kernel), the middle conv of the branch."""
+        """The scaled core with its kernel modes expanded: (r_out, r_in, *kernel), the branch's middle conv."""
         core = self.core * self.scale
-        if core.dim() == 2:
-            return core
-        return tucker_to_tensor(core, [torch.eye(self.ranks[0], dtype=core.dtype, device=core.device),
-                                       torch.eye(self.ranks[1], dtype=core.dtype, device=core.device),
-                                       *self.factors[2:]])
+        for mode in range(2, core.dim()):
+            core = torch.tensordot(self.factors[mode], core, dims=([1], [mode])).movedim(0, mode)
+        return core
 
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         if self.dropout is not None:
@@ -146,11 +145,9 @@ class FLoRA(Method):
             return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
         u_out, u_in = self.factors[0], self.factors[1]
         core = self.spatial_core()
-        if slot.op == "linear":
-            h = x @ u_in.to(x.dtype)  # (..., r_in)
-            h = h @ core.t().to(x.dtype)  # (..., r_out)
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), u_out.t().to(out.dtype))
-            return out
+        if all(k == 1 for k in self.slot_shape[2:]):  # linear or 1×1: fold the core into the down-projection
+            down = core.reshape(self.ranks[0], self.ranks[1]) @ u_in.t()
+            return add_low_rank_output(x, out, slot, down, u_out)
         spatial = (1,) * (len(self.slot_shape) - 2)
         h = slot.pointwise(x, u_in.t().to(x.dtype).reshape(self.ranks[1], self.slot_shape[1], *spatial))
         h = slot.run(h, core.to(x.dtype), groups=1)
