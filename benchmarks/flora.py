@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import Workload, frozen_floor, main  # noqa: E402
+from harness import Workload, frozen_floor, main, median_ms  # noqa: E402
 from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch  # noqa: E402
 
 FLORA_RANK, LORA_RANK, LYCORIS_RANK = 8, 5, 8
@@ -128,13 +126,7 @@ def contraction_benchmark(repeats: int = 20) -> str:
             for name, fn in (("einsum", lambda: tucker_to_tensor_einsum(core, factors)),
                              ("tensorly", lambda: multi_mode_dot(core, factors)),
                              ("ordered", lambda: tucker_to_tensor(core, factors))):
-                samples = []
-                for i in range(repeats + 3):
-                    start = time.perf_counter()
-                    fn().square().sum().backward()
-                    if i >= 3:
-                        samples.append(time.perf_counter() - start)
-                times[name] = 1000 * statistics.median(samples)
+                times[name] = median_ms(lambda: fn().square().sum().backward(), repeats, warmup=3)
         lines.append(f"| {shape} | {ranks} | {times['einsum']:.2f} | {times['tensorly']:.2f} | {times['ordered']:.2f} |")
     return "\n".join(lines)
 

@@ -41,6 +41,17 @@ def freeze_all(model: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls (micro-benchmarks)."""
+    samples = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20

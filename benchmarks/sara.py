@@ -24,14 +24,12 @@ The targets in the issue: memory overhead above the floor ≤ 0.3× full's and �
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import Workload, frozen_floor, main  # noqa: E402
+from harness import Workload, frozen_floor, main, median_ms  # noqa: E402
 from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch, vit_s16  # noqa: E402
 
 LORA_RANK = 8
@@ -108,13 +106,7 @@ def backprop_benchmark(repeats: int = 10) -> str:
             times = {}
             for path in ("weight", "sparse"):
                 model = vp.attach(copy.deepcopy(base), "sara", targets=["0"], density=density, path=path)
-                samples = []
-                for i in range(repeats + 2):
-                    start = time.perf_counter()
-                    model(x).square().mean().backward()
-                    if i >= 2:
-                        samples.append(time.perf_counter() - start)
-                times[path] = 1000 * statistics.median(samples)
+                times[path] = median_ms(lambda: model(x).square().mean().backward(), repeats, warmup=2)
             lines.append(f"| ({out}, {fan_in}), {tokens} | {density} | {times['weight']:.1f} | {times['sparse']:.1f} |")
     return "\n".join(lines)
 
