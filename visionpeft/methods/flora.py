@@ -153,6 +153,6 @@ class FLoRA(Method):
         h = slot.run(h, core.to(x.dtype), groups=1)
         n, c = out.shape[:2]
         if out.is_contiguous() and h.is_contiguous():
-            out.view(n, c, -1).baddbmm_(u_out.to(out.dtype).expand(n, -1, -1), h.reshape(n, self.ranks[0], -1).to(out.dtype))
-            return out
-        return out.add_(slot.pointwise(h, u_out.to(out.dtype).reshape(*u_out.shape, *spatial)))
+            return torch.baddbmm(out.view(n, c, -1), u_out.to(out.dtype).expand(n, -1, -1),
+                                 h.reshape(n, self.ranks[0], -1).to(out.dtype)).view(out.shape)
+        return out + slot.pointwise(h, u_out.to(out.dtype).reshape(*u_out.shape, *spatial))
