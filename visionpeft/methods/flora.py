@@ -10,7 +10,7 @@ have 2 modes, Conv1d/2d/3d kernels 3-5. The core starts at zero and the factors 
 
 Forward, measured (``benchmarks/flora.py``): on linear ops and ungrouped convs the update runs as a
 branch x → U_inᵀ (1×1) → spatial core conv with the base geometry → U_out (1×1), added into the base
-output in place: it never builds ΔW, needs no weight-sized gradient, and costs a small fraction of
+output in one fused op: it never builds ΔW, needs no weight-sized gradient, and costs a small fraction of
 the base conv. Grouped and depthwise convs (where in/groups is the input mode) and
 MultiheadAttention use W + ΔW with ΔW from one ordered contraction.
 """

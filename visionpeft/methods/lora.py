@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021): ΔW = (alpha/rank) · B A, with A (rank × fan_in) and B (out × rank).
 
 A starts Kaiming-uniform and B at zero, so attaching changes nothing. On linear ops and ungrouped
-convs the adapter runs on activations (x → A → B, added in place to the base output, so no
+convs the adapter runs on activations (x → A → B, fused with the base output in one addmm, so no
 full-size weight or extra output-size temporary is built); a grouped conv and
 MultiheadAttention use the weight path W + ΔW, which is exact where the activation path is not.
 """
