@@ -110,11 +110,7 @@ def vtab_dataset(root: str | Path, task: str, split: str, transform: Callable | 
     return ListDataset(samples, num_classes, transform)
 
 
-class FGVCDataset(ListDataset):
-    pass
-
-
-def fgvc_dataset(root: str | Path, dataset: str, split: str, transform: Callable | None = None) -> FGVCDataset:
+def fgvc_dataset(root: str | Path, dataset: str, split: str, transform: Callable | None = None) -> ListDataset:
     """One split of a VPT-style FGVC dataset; ``dataset`` is a name of FGVC_DATASETS (or a folder under root)."""
     root = Path(root)
     image_dir = ""
@@ -138,7 +134,7 @@ def fgvc_dataset(root: str | Path, dataset: str, split: str, transform: Callable
     unknown = sorted({label for label in mapping.values() if label not in ids})
     if unknown:
         raise ValueError(f"{str(split_file)!r} has class ids {unknown[:5]} that train.json does not have")
-    return FGVCDataset(samples, len(ids), transform)
+    return ListDataset(samples, len(ids), transform)
 
 
 def _class_ids(folder: Path) -> dict[int, int]:
@@ -151,11 +147,7 @@ def _class_ids(folder: Path) -> dict[int, int]:
     return {label: i for i, label in enumerate(sorted(ids))}
 
 
-class ImageFolderDataset(ListDataset):
-    pass
-
-
-def imagefolder_dataset(root: str | Path, split: str, transform: Callable | None = None) -> ImageFolderDataset:
+def imagefolder_dataset(root: str | Path, split: str, transform: Callable | None = None) -> ListDataset:
     """``<root>/<split>/<class name>/<image>``: classes are the sorted folder names of the train split."""
     root = Path(root)
     folder = root / split
@@ -174,7 +166,7 @@ def imagefolder_dataset(root: str | Path, split: str, transform: Callable | None
                     if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
     if not samples:
         raise ValueError(f"{str(folder)!r} holds no images")
-    return ImageFolderDataset(samples, len(classes), transform)
+    return ListDataset(samples, len(classes), transform)
 
 
 def build_dataset(data: dict, split: str, transform: Callable | None) -> ListDataset:

@@ -58,36 +58,36 @@ def transformers_clip(**kw: Any):
     return model, {"input_ids": torch.randint(0, 64, (2, 8)), "pixel_values": torch.randn(2, 3, 32, 32)}
 
 
-def diffusers_unet(**kw: Any):
+def _unet(cfg: dict[str, Any], text_tokens: int):
+    """A diffusers UNet2DConditionModel from ``cfg`` and a batch of 2 for it."""
     from diffusers import UNet2DConditionModel
 
+    size = cfg["sample_size"]
+    return UNet2DConditionModel(**cfg), {
+        "sample": torch.randn(2, cfg["in_channels"], size, size), "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, text_tokens, cfg["cross_attention_dim"])}
+
+
+def diffusers_unet(**kw: Any):
     cfg = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
     ) | kw
-    model = UNet2DConditionModel(**cfg)
-    size = cfg["sample_size"]
-    return model, {"sample": torch.randn(2, cfg["in_channels"], size, size), "timestep": torch.tensor([10, 500]),
-                   "encoder_hidden_states": torch.randn(2, 5, cfg["cross_attention_dim"])}
+    return _unet(cfg, text_tokens=5)
 
 
 def sd15_like_unet(**kw: Any):
     """SD-1.5's UNet block structure (3 cross-attention down blocks + 1 plain, mirrored up, 2 layers per
     block, 8 heads) at a width and latent size that fit a 2-core CPU; pass the real sizes on a GPU:
     ``block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=64``."""
-    from diffusers import UNet2DConditionModel
-
     cfg = dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
     ) | kw
-    model = UNet2DConditionModel(**cfg)
-    size = cfg["sample_size"]
-    return model, {"sample": torch.randn(2, cfg["in_channels"], size, size), "timestep": torch.tensor([10, 500]),
-                   "encoder_hidden_states": torch.randn(2, 77, cfg["cross_attention_dim"])}
+    return _unet(cfg, text_tokens=77)
 
 
 def llama(**kw: Any):
