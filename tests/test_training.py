@@ -67,6 +67,7 @@ def recipe(vtab_root, tmp_path, method="lora", **train):
     (lambda r: r["adapter"].update(options={"rnk": 2}), "unknown option(s) 'rnk'"),
     (lambda r: r["adapter"].update(method="nope"), "unknown method 'nope'"),
     (lambda r: r["train"].update(batch_size=0), "train.batch_size=0"),
+    (lambda r: r["train"].update(grad_clip=-1.0), "train.grad_clip=-1.0 must be > 0"),
     (lambda r: r["model"].update(pretrained="yes"), "'model.pretrained' must be true/false"),
 ])
 def test_schema_errors_name_the_key(tmp_path, change, needle):
@@ -221,8 +222,22 @@ def test_cli_train_eval_sweep(vtab_root, tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_recipe_validates(path):
+    task = yaml.safe_load(path.read_text()).get("task")
+    if task == "fewshot":
+        from visionpeft.training import fewshot_recipe
+
+        assert fewshot_recipe.load_recipe(path)["model"]["name"].startswith("ViT-B-16")
+        return
+    if task == "dreambooth":
+        from visionpeft.training import dreambooth
+
+        assert dreambooth.load_recipe(path)["adapter"]["method"] == path.stem
+        return
     recipe = load_recipe(path)
-    assert recipe["model"]["name"] == "vit_base_patch16_224.orig_in21k"  # not the augreg alias
+    if path.parent.name == "mini_vtab":
+        assert recipe["model"]["name"] == "visionpeft/tiny_vit" and recipe["model"]["pretrained"]
+    else:
+        assert recipe["model"]["name"] == "vit_base_patch16_224.orig_in21k"  # not the augreg alias
 
 
 @pytest.mark.parametrize("method", ["lora", "flora", "snella", "sara", "svd", "full", "linear"])

@@ -1,4 +1,4 @@
-"""The ``visionpeft`` command line: train, eval, sweep, methods."""
+"""The ``visionpeft`` command line: train, eval, sweep, generate, methods."""
 from __future__ import annotations
 
 import argparse
@@ -17,35 +17,88 @@ def _methods(_: argparse.Namespace) -> int:
         print(name)
         for option, spec in cls.options.items():
             print(f"  {option:<14} default {spec.default!r:<8} {spec.allowed}. {spec.help}")
-    print("full, linear  (recipe baselines: full fine-tuning, linear probe)")
+    print("full, linear, peft-lora  (recipe baselines: full fine-tuning, linear probe, Hugging Face PEFT LoRA)")
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from visionpeft.training import load_recipe, train
+def _recipe_kind(path: str, overrides: list[str]) -> str:
+    """``classification`` (the runner), or the recipe's ``task``: ``dreambooth`` or ``fewshot``."""
+    from visionpeft.training.recipe import apply_overrides, read_yaml
 
-    summary = train(load_recipe(args.recipe, args.overrides), progress=not args.quiet)
+    raw = apply_overrides(read_yaml(path), overrides)
+    return (raw.get("task") if isinstance(raw, dict) else None) or "classification"
+
+
+def _recipe_module(kind: str):
+    """The module that loads and runs recipes of this kind (``load_recipe``, ``train``, ``evaluate_adapter``)."""
+    if kind == "dreambooth":
+        from visionpeft.training import dreambooth as module
+    elif kind == "fewshot":
+        from visionpeft.training import fewshot_recipe as module
+    else:
+        from visionpeft.training import runner as module  # its recipes are read by training.load_recipe
+    return module
+
+
+def _load(kind: str, args: argparse.Namespace):
+    if kind == "classification":
+        from visionpeft.training import load_recipe
+
+        return load_recipe(args.recipe, args.overrides)
+    return _recipe_module(kind).load_recipe(args.recipe, args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    kind = _recipe_kind(args.recipe, args.overrides)
+    summary = _recipe_module(kind).train(_load(kind, args), progress=not args.quiet)
     if summary:
         print(json.dumps(summary, indent=2))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from visionpeft.training import evaluate_adapter, load_recipe
-
-    top1 = evaluate_adapter(load_recipe(args.recipe, args.overrides), args.adapter)
+    kind = _recipe_kind(args.recipe, args.overrides)
+    if kind == "dreambooth":
+        raise ValueError(f"{args.recipe!r} is a dreambooth recipe; evaluate its images with visionpeft generate and "
+                         f"visionpeft.eval.subject (DINO, CLIP-I, CLIP-T)")
+    top1 = _recipe_module(kind).evaluate_adapter(_load(kind, args), args.adapter)
     print(f"top-1 {top1:.2f}% ({args.adapter})")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import yaml
-
+    from visionpeft.training.recipe import read_yaml
     from visionpeft.training.sweep import sweep
 
-    with open(args.recipe) as fh:
-        raw = yaml.safe_load(fh) or {}
-    print(sweep(raw, args.overrides, args.tasks, progress=not args.quiet))
+    kind = _recipe_kind(args.recipe, args.overrides)
+    if kind != "classification":
+        raise ValueError(f"{args.recipe!r} is a {kind} recipe; sweep runs classification recipes (vtab1k, fgvc) over "
+                         f"their benchmark's tasks")
+    print(sweep(read_yaml(args.recipe), args.overrides, args.tasks, progress=not args.quiet))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from visionpeft.models.pipelines import apply_adapter, generate, load_pipeline, save_image
+
+    pipeline = load_pipeline(args.pipeline, dtype=getattr(torch, args.dtype))
+    if args.device:
+        pipeline.to(args.device)
+    if args.adapter:
+        apply_adapter(pipeline, args.adapter, merge=args.merge, scale=args.scale)
+    elif args.merge or args.scale != 1.0:
+        raise ValueError("--merge and --scale apply to an adapter; give --adapter DIR")
+    images = generate(pipeline, args.prompt, images_per_prompt=args.num_images, steps=args.steps,
+                      guidance_scale=args.guidance_scale, seed=args.seed, size=args.size, batch_size=args.batch_size,
+                      sampler=args.sampler)
+    out = Path(args.out)
+    for i, image in enumerate(images):
+        prompt_index, image_index = divmod(i, args.num_images)
+        print(save_image(image, out / f"prompt{prompt_index:02d}_{image_index:02d}.png"))
     return 0
 
 
@@ -69,6 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--tasks", nargs="+", default=None)
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(run=_sweep)
+    gen = commands.add_parser("generate", help="sample images from a Stable Diffusion pipeline with a saved adapter")
+    gen.add_argument("--pipeline", required=True, help="local pipeline directory or hub id")
+    gen.add_argument("--adapter", help="a saved adapter directory (vp.save; text_encoder/ inside when trained)")
+    gen.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    gen.add_argument("--scale", type=float, default=1.0, help="adapter strength; other than 1 it is applied by merging")
+    gen.add_argument("--merge", action="store_true", help="fold the adapter into the weights before sampling")
+    gen.add_argument("--out", default="generated", help="output folder (prompt<P>_<I>.png)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--steps", type=int, default=25, help="sampling steps")
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--sampler", choices=("dpmsolver", "pipeline"), default="dpmsolver")
+    gen.add_argument("--device", default=None, help="e.g. cuda (default: where the pipeline loads)")
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                     help="weights of the pipeline (adapters keep float32 parameters)")
+    gen.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -5,6 +5,7 @@ after, so a bad call leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import defaultdict
 from typing import Any, Iterator
@@ -223,6 +224,41 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
             param.requires_grad_(param_name in trainable)
     model.__dict__.pop(RECORDS_ATTR, None)
     return model
+
+
+def discard_adapters(model: nn.Module, names) -> None:
+    """Remove the adapters ``names`` from ``model`` as if never attached (merged ones are taken out first); the
+    model's other adapters stay."""
+    names = set(names)
+    if not names:
+        return
+    if names >= set(records(model)):
+        detach(model, merge=False)
+        return
+    for _, layer in list(adapted_layers(model)):
+        for name in names & set(layer.vp_adapters):
+            if name in layer._vp_merged:
+                layer.vp_unmerge(name)
+            del layer.vp_adapters[name]
+        if not len(layer.vp_adapters):
+            restore(layer)
+    for name in names:
+        records(model).pop(name, None)
+
+
+@contextlib.contextmanager
+def adapters_rolled_back_on_error(*models: nn.Module):
+    """Run a block that attaches adapters to ``models``; if it raises, every adapter it attached is removed again
+    (unmerged) and the trainability flags are restored, so each model is left as it was."""
+    before = [(m, set(records(m)), {n: p.requires_grad for n, p in m.named_parameters()}) for m in models]
+    try:
+        yield
+    except BaseException:
+        for model, names, trainable in before:
+            discard_adapters(model, set(records(model)) - names)
+            for name, param in model.named_parameters():
+                param.requires_grad_(trainable.get(name, param.requires_grad))
+        raise
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

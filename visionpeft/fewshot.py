@@ -8,8 +8,12 @@ the model's own ``logit_scale.exp()``. Data come as (image tensor, label) pairs,
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
+import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -100,13 +104,13 @@ def kshot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(classifier: ClipClassifier, data: Dataset, batch_size: int = 64) -> float:
+def evaluate(classifier: ClipClassifier, data: Dataset, batch_size: int = 64, num_workers: int = 0) -> float:
     """Top-1 accuracy (%) on ``data``."""
     was_training = classifier.training
     classifier.eval()
     text = classifier.text_classifier()
     correct = total = 0
-    for images, labels in DataLoader(data, batch_size=batch_size):
+    for images, labels in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
         prediction = classifier(images.to(text.device), text).argmax(-1).cpu()
         correct += (prediction == labels).sum().item()
         total += labels.numel()
@@ -116,45 +120,87 @@ def evaluate(classifier: ClipClassifier, data: Dataset, batch_size: int = 64) ->
 
 def train_few_shot(classifier: ClipClassifier, train: Dataset, test: Dataset, *, shots: int, seed: int = 1,
                    steps: int | None = None, batch_size: int = 32, lr: float = 5e-4, weight_decay: float = 0.01,
-                   progress: bool = True) -> dict[str, float]:
+                   progress: bool = True, warmup_steps: int = 0, min_lr: float = 1e-6, precision: str = "no",
+                   eval_interval: int | None = None, eval_batch_size: int = 64, num_workers: int = 0,
+                   on_step: Callable[[dict], None] | None = None) -> dict[str, float]:
     """Train the adapters attached to ``classifier.model`` on a K-shot subset of ``train``.
 
-    ``steps`` defaults to 200·K (CLIP-SVD's protocol); AdamW with a cosine schedule to 1e-6. Returns the
-    zero-shot top-1 before training, the few-shot top-1 after, and the final training loss.
+    ``steps`` defaults to 200·K (CLIP-SVD's protocol); AdamW with ``warmup_steps`` of linear warm-up, then a
+    cosine schedule to ``min_lr``. ``precision`` "bf16"/"fp16" runs the forward under autocast (fp16 with a
+    gradient scaler, so small gradients of singular values do not underflow). ``on_step`` receives one record
+    per step (``step``, ``loss``, ``lr``, ``seconds``, ``top1`` every ``eval_interval`` steps and at the end),
+    and first a step-0 record holding the zero-shot top-1. Returns the zero-shot top-1 before training, the
+    few-shot top-1 after, the final training loss and the median step time.
     """
     params = list(vp.trainable_parameters(classifier.model).values())
     if not params:
         raise ValueError("the CLIP model has no trainable parameters: attach an adapter first (vp.attach)")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(AUTOCAST_DTYPES)}")
     labels = [int(train[i][1]) for i in range(len(train))] if not hasattr(train, "labels") else train.labels
     subset = Subset(train, kshot_indices(labels, shots, seed))
     steps = 200 * shots if steps is None else steps
-    zero_shot = evaluate(classifier, test)
+    report = on_step or (lambda record: None)
+    zero_shot = evaluate(classifier, test, eval_batch_size, num_workers)
+    report({"step": 0, "loss": None, "lr": None, "seconds": None, "top1": zero_shot})
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(subset, batch_size=min(batch_size, len(subset)), shuffle=True, generator=generator, drop_last=True)
+    loader = DataLoader(subset, batch_size=min(batch_size, len(subset)), shuffle=True, generator=generator,
+                        drop_last=True, num_workers=num_workers)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_steps, min_lr / lr))
     classifier.train()
     device = params[0].device
-    step, loss = 0, float("nan")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, loss, top1, step_times = 0, float("nan"), None, []
     bar = tqdm(total=steps, desc=f"{shots}-shot", disable=not progress)
     while step < steps:
         for images, targets in loader:
-            logits = classifier(images.to(device))
-            batch_loss = F.cross_entropy(logits, targets.to(device)) + vp.regularization(classifier.model)
+            start = time.perf_counter()
+            with _autocast(precision, device):
+                logits = classifier(images.to(device))
+            batch_loss = F.cross_entropy(logits.float(), targets.to(device)) + vp.regularization(classifier.model)
             optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
+            scaler.scale(batch_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr_used = schedule.get_last_lr()[0]
             schedule.step()
             vp.step(classifier.model, step + 1, steps)
             loss = batch_loss.item()
             step += 1
+            step_times.append(time.perf_counter() - start)
+            top1 = None
+            if step == steps or (eval_interval and step % eval_interval == 0):
+                top1 = evaluate(classifier, test, eval_batch_size, num_workers)
+            report({"step": step, "loss": loss, "lr": lr_used, "seconds": step_times[-1], "top1": top1})
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_used:.1e}", refresh=False)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
             if step >= steps:
                 break
     bar.close()
-    return {"zero_shot_top1": zero_shot, "few_shot_top1": evaluate(classifier, test), "final_loss": loss,
-            "steps": steps, "shots": shots, "seed": seed}
+    few_shot = top1 if top1 is not None else evaluate(classifier, test, eval_batch_size, num_workers)
+    return {"zero_shot_top1": zero_shot, "few_shot_top1": few_shot, "final_loss": loss,
+            "steps": steps, "shots": shots, "seed": seed,
+            "step_time_s": statistics.median(step_times) if step_times else None}
+
+
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision: str, device: torch.device):
+    dtype = AUTOCAST_DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def warmup_cosine(steps: int, warmup_steps: int, floor: float) -> Callable[[int], float]:
+    """The lr factor of a linear warm-up over ``warmup_steps``, then a cosine from 1 to ``floor`` at ``steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
 
 
 class CoOpSplit(Dataset):

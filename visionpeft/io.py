@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -35,7 +35,10 @@ def _version() -> str:
     return __version__
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file next to it, which is then renamed onto
+    ``path``; on any error the temporary file is removed and ``path`` is left as it was. Returns ``path``."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -44,6 +47,7 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +81,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model).items()}
     tensor_path = directory / TENSORS_FILE
-    _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,7 +92,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "sha256": _sha256(tensor_path),
     }
     text = json.dumps(config, indent=2, sort_keys=False)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -73,28 +73,43 @@ class ListDataset(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-def _task_folder(root: Path, task: str) -> tuple[str, Path]:
+def _task_folder(root: Path, task: str) -> tuple[str, Path, int]:
+    """(canonical name, folder, number of classes) of a VTAB-1k task, or of a generated task in the same
+    format whose folder carries a ``task.json`` with ``num_classes`` (visionpeft.data.mini_vtab)."""
     canonical = _ALIASES.get(task)
     if canonical is None:
-        raise ValueError(f"unknown VTAB-1k task {task!r}; tasks: {', '.join(VTAB_TASKS)} "
-                         f"(aliases: {', '.join(a for a in _ALIASES if a not in VTAB_TASKS)})")
+        described = root / task / "task.json"
+        if described.is_file():
+            return task, root / task, _declared_classes(described)
+        raise ValueError(f"unknown VTAB-1k task {task!r} under {str(root)!r}; tasks: {', '.join(VTAB_TASKS)} "
+                         f"(aliases: {', '.join(a for a in _ALIASES if a not in VTAB_TASKS)}), or a folder "
+                         f"<root>/<task> with a task.json giving num_classes")
     for alias in VTAB_TASKS[canonical][2]:
         if (root / alias).is_dir():
-            return canonical, root / alias
+            return canonical, root / alias, VTAB_TASKS[canonical][1]
     raise FileNotFoundError(f"VTAB-1k task {canonical!r} not found under {str(root)!r}: looked for folder(s) "
                             f"{', '.join(VTAB_TASKS[canonical][2])}")
+
+
+def _declared_classes(path: Path) -> int:
+    try:
+        classes = json.loads(path.read_text()).get("num_classes")
+    except (json.JSONDecodeError, AttributeError):
+        classes = None
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise ValueError(f"{str(path)!r} must be a JSON object with an int num_classes >= 1")
+    return classes
 
 
 def vtab_dataset(root: str | Path, task: str, split: str, transform: Callable | None = None) -> ListDataset:
     if split not in VTAB_SPLITS:
         raise ValueError(f"VTAB-1k split {split!r} is not one of {', '.join(VTAB_SPLITS)}")
-    canonical, folder = _task_folder(Path(root), task)
+    canonical, folder, num_classes = _task_folder(Path(root), task)
     list_file = folder / f"{split}.txt"
     if not list_file.is_file():
         raise FileNotFoundError(f"{str(list_file)!r} is missing; a VTAB-1k task folder has "
                                 f"{', '.join(s + '.txt' for s in VTAB_SPLITS)}")
     samples = []
-    num_classes = VTAB_TASKS[canonical][1]
     for number, line in enumerate(list_file.read_text().splitlines(), 1):
         if not line.strip():
             continue

@@ -51,6 +51,25 @@ class LoRA(Method):
         self.lora_B.zero_()[:, :r] = (u[:, :r] * root).to(self.lora_B.dtype)
         self.lora_A.zero_()[:r] = (root[:, None] * vh[:r]).to(self.lora_A.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(down A (rank × fan_in), up B (out × rank), scale)`` with ΔW = scale · B A (detached, not copies)."""
+        return self.lora_A.detach(), self.lora_B.detach(), float(self.scale)
+
+    @torch.no_grad()
+    def set_factors(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+        """Make ΔW = ``scale`` · up · down. ``down`` holds rank × fan_in values (a conv's may be shaped
+        (rank, in, *kernel)), ``up`` out × rank (or (out, rank, 1, ...)); this adapter keeps its own scale, and
+        ``scale``/``self.scale`` is folded into B."""
+        rank, out = self.rank, self.lora_B.shape[0]
+        if down.shape[:1] != (rank,) or down.numel() != self.lora_A.numel():
+            raise ValueError(f"down factor of shape {tuple(down.shape)} does not fit lora_A {tuple(self.lora_A.shape)}")
+        if up.shape[:2] != (out, rank) or up.numel() != self.lora_B.numel():
+            raise ValueError(f"up factor of shape {tuple(up.shape)} does not fit lora_B {tuple(self.lora_B.shape)}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"scale={scale!r} must be a finite number")
+        self.lora_A.copy_(down.reshape(self.lora_A.shape))
+        self.lora_B.copy_((up.reshape(self.lora_B.shape).double() * (scale / self.scale)).to(self.lora_B.dtype))
+
     def uses_activation_path(self, slot: Slot) -> bool:
         return slot.op == "linear" or (slot.op == "conv" and (slot.groups == 1 or self.dropout is not None))
 

@@ -1,7 +1,8 @@
 """Recipes: YAML files validated against a schema before anything runs, with dotted overrides.
 
     model:    timm name, pretrained flag or local checkpoint, num_classes, image size, normalization
-    adapter:  method (a registered method, or the baselines "full" and "linear"), options, targets, unfreeze
+    adapter:  method (a registered method, or the baselines "full", "linear" and "peft-lora"), options,
+              targets, unfreeze
     data:     format (vtab1k | fgvc | imagefolder), root, task, splits, augmentation
     train:    epochs or steps, batch size, lr, weight decay and no-decay rules, warm-up, cosine schedule,
               precision, gradient accumulation, seed, eval interval, checkpoints, resume
@@ -80,7 +81,9 @@ CHOICES = {
     "train.precision": ("no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-BASELINES = ("full", "linear")
+BASELINES = ("full", "linear", "peft-lora")
+#: options of the baselines that take any: Hugging Face PEFT's LoRA, the outside peer
+BASELINE_OPTIONS = {"peft-lora": {"rank": (int,), "alpha": (int, float, type(None)), "dropout": (int, float)}}
 
 
 def _type_names(types: tuple) -> str:
@@ -100,55 +103,54 @@ def _coerce(value: Any, types: tuple) -> Any:
     return value
 
 
-def _check(key: str, value: Any, types: tuple) -> None:
+def check_value(key: str, value: Any, types: tuple, choices: dict[str, tuple] = CHOICES) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise ValueError(f"recipe key {key!r} must be {_type_names(types)}, got {value!r}")
-    allowed = CHOICES.get(key)
+    allowed = choices.get(key)
     if allowed and value not in allowed:
         raise ValueError(f"recipe key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
 
 
-def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
-    """A complete recipe (defaults filled in) from a parsed mapping; raises ValueError naming the key."""
+def validate_schema(raw: Any, schema: dict[str, Any], choices: dict[str, tuple], source: str) -> dict[str, Any]:
+    """``raw`` checked against a schema (section -> key -> (types, default), or a top-level key -> (types,
+    default)) with defaults filled in; a ValueError names the first unknown, missing or mistyped key."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source} must be a mapping with sections {', '.join(SCHEMA)}, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SCHEMA))
+        raise ValueError(f"{source} must be a mapping with sections {', '.join(schema)}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(schema))
     if unknown:
-        raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SCHEMA)}")
+        raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(schema)}")
+
+    def field(key: str, given: dict, name: str, spec: tuple) -> Any:
+        types, default = spec
+        if name in given:
+            value = _coerce(given[name], types)
+        elif default is REQUIRED:
+            raise ValueError(f"{source}: missing required key {key}")
+        else:
+            value = copy.deepcopy(default)
+        check_value(key, value, types, choices)
+        return value
+
     recipe: dict[str, Any] = {}
-    for section, spec in SCHEMA.items():
+    for section, spec in schema.items():
         if isinstance(spec, tuple):  # a top-level scalar such as output
-            types, default = spec
-            if section not in raw:
-                if default is REQUIRED:
-                    raise ValueError(f"{source}: missing required key {section!r}")
-                raw_value = default
-            else:
-                raw_value = _coerce(raw[section], types)
-            _check(section, raw_value, types)
-            recipe[section] = raw_value
+            recipe[section] = field(section, raw, section, spec)
             continue
-        given = raw.get(section, {})
-        if given is None:
-            given = {}
+        given = raw.get(section) or {}
         if not isinstance(given, dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping, got {given!r}")
-        unknown = sorted(set(given) - set(spec))
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; valid keys in "
+        extra = sorted(set(given) - set(spec))
+        if extra:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in extra)}; valid keys in "
                              f"{section!r}: {', '.join(spec)}")
-        values = {}
-        for key, (types, default) in spec.items():
-            if key in given:
-                value = _coerce(given[key], types)
-            elif default is REQUIRED:
-                raise ValueError(f"{source}: missing required key {section}.{key}")
-            else:
-                value = copy.deepcopy(default)
-            _check(f"{section}.{key}", value, types)
-            values[key] = value
-        recipe[section] = values
+        recipe[section] = {name: field(f"{section}.{name}", given, name, item) for name, item in spec.items()}
+    return recipe
+
+
+def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
+    """A complete recipe (defaults filled in) from a parsed mapping; raises ValueError naming the key."""
+    recipe = validate_schema(raw, SCHEMA, CHOICES, source)
     _check_semantics(recipe, source)
     return recipe
 
@@ -163,6 +165,8 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             raise ValueError(f"{source}: train.{key}={train[key]!r} must be >= 1")
     if train["lr"] <= 0:
         raise ValueError(f"{source}: train.lr={train['lr']!r} must be > 0")
+    if train["grad_clip"] is not None and train["grad_clip"] <= 0:
+        raise ValueError(f"{source}: train.grad_clip={train['grad_clip']!r} must be > 0, or null for no clipping")
     method = recipe["adapter"]["method"]
     if method not in BASELINES:
         from visionpeft.methods.base import get_method, resolve_options
@@ -171,8 +175,15 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             resolve_options(get_method(method), recipe["adapter"]["options"])
         except ValueError as err:
             raise ValueError(f"{source}: adapter: {err}") from None
-    elif recipe["adapter"]["options"]:
-        raise ValueError(f"{source}: adapter.method={method!r} takes no options, got {recipe['adapter']['options']!r}")
+    else:
+        allowed = BASELINE_OPTIONS.get(method, {})
+        for key, value in recipe["adapter"]["options"].items():
+            if key not in allowed:
+                raise ValueError(f"{source}: adapter.method={method!r} takes "
+                                 f"{'options ' + ', '.join(allowed) if allowed else 'no options'}, got {key!r}")
+            check_value(f"adapter.options.{key}", value, allowed[key])
+            if key == "rank" and value < 1:
+                raise ValueError(f"{source}: adapter.options.rank={value!r} must be >= 1")
     if recipe["data"]["format"] == "vtab1k" and not recipe["data"]["task"]:
         raise ValueError(f"{source}: data.task is required for data.format=vtab1k (e.g. cifar, dtd, ...)")
 
@@ -208,13 +219,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read, override and validate a recipe file."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file parsed (not yet validated): FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
-    return validate(apply_overrides(raw, list(overrides)), source=str(path))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read, override and validate a recipe file."""
+    return validate(apply_overrides(read_yaml(path), list(overrides)), source=str(path))

@@ -9,15 +9,14 @@ several processes each gets its share of every batch (accelerate's ``split_batch
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import re
 import shutil
 import statistics
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,34 @@ from torch.utils.data import DataLoader, Dataset
 
 import visionpeft as vp
 from visionpeft.data import build_dataset, build_transform
+from visionpeft.training.outputs import write_csv, write_json
+from visionpeft.training.recipe import BASELINES
 
 CHECKPOINTS = "checkpoints"
 
 
 # --- model --------------------------------------------------------------------------------------
-def build_model(recipe: dict[str, Any], num_classes: int) -> nn.Module:
-    """The timm backbone of the recipe, with ``pretrained`` weights or a local checkpoint."""
-    import timm
+TINY_PREFIX = "visionpeft/tiny_"
 
+
+def build_model(recipe: dict[str, Any], num_classes: int) -> nn.Module:
+    """The timm backbone of the recipe, with ``pretrained`` weights or a local checkpoint.
+
+    ``visionpeft/tiny_vit`` and ``visionpeft/tiny_convnet`` name the tiny backbones shipped with the
+    package (:func:`visionpeft.models.tiny`); any other name is a timm model name.
+    """
     spec = recipe["model"]
     classes = spec["num_classes"] if spec["num_classes"] is not None else num_classes
-    model = timm.create_model(spec["name"], pretrained=spec["pretrained"], num_classes=classes, **spec["kwargs"])
+    if spec["name"].startswith(TINY_PREFIX):
+        from visionpeft.models.tiny import tiny
+
+        if spec["kwargs"]:
+            raise ValueError(f"model.kwargs must be empty for {spec['name']!r}, got {spec['kwargs']!r}")
+        model = tiny(spec["name"][len(TINY_PREFIX):], num_classes=classes, pretrained=spec["pretrained"])
+    else:
+        import timm
+
+        model = timm.create_model(spec["name"], pretrained=spec["pretrained"], num_classes=classes, **spec["kwargs"])
     if spec["checkpoint"]:
         load_checkpoint(model, spec["checkpoint"])
     return model
@@ -86,14 +101,42 @@ def apply_adapter(model: nn.Module, adapter: dict[str, Any]) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if method == "linear":
+    if method in ("linear", "peft-lora"):
         for p in model.parameters():
             p.requires_grad_(False)
+        if method == "peft-lora":
+            model = attach_peft_lora(model, adapter)
         modules = dict(model.named_modules())
         for name in unfreeze:
             modules[name].requires_grad_(True)
         return model
     return vp.attach(model, method, targets=adapter["targets"], unfreeze=unfreeze, **adapter["options"])
+
+
+def attach_peft_lora(model: nn.Module, adapter: dict[str, Any]) -> nn.Module:
+    """Hugging Face PEFT's LoRA as an outside peer, on exactly the layers visionpeft's LoRA would adapt
+    (``adapter.targets`` resolved by visionpeft, family preset included)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("adapter.method='peft-lora' needs Hugging Face PEFT: pip install peft") from None
+    from visionpeft.targeting import resolve_targets
+
+    options = {"rank": 8, "alpha": None, "dropout": 0.0} | adapter["options"]
+    targets = resolve_targets(model, adapter["targets"])
+    # PEFT adapts a grouped conv only when the rank is divisible by its groups (depthwise convs never, at small
+    # ranks); those layers stay frozen in this baseline, and the run says so
+    unsupported = [t.name for t in targets if getattr(t.module, "groups", 1) > 1 and options["rank"] % t.module.groups]
+    if unsupported:
+        warnings.warn(f"peft-lora: PEFT cannot adapt {len(unsupported)} grouped conv(s) at rank {options['rank']} "
+                      f"(e.g. {unsupported[0]!r}); they stay frozen in this baseline")
+    names = [t.name for t in targets if t.name not in unsupported]
+    config = LoraConfig(r=options["rank"], lora_alpha=options["alpha"] or options["rank"],
+                        lora_dropout=options["dropout"], target_modules=names)
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
 
 
 def param_groups(model: nn.Module, weight_decay: float, rules: list[str]) -> list[dict[str, Any]]:
@@ -146,13 +189,6 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _atomic_json(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
-
-
 # --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator) -> float:
@@ -201,7 +237,7 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / CHECKPOINTS).mkdir(exist_ok=True)
-        _atomic_json(output / "recipe.json", recipe)
+        write_json(output / "recipe.json", recipe)
     set_seed(cfg["seed"])
     train_set, eval_set = datasets(recipe)
     model = apply_adapter(build_model(recipe, train_set.num_classes), recipe["adapter"])
@@ -301,7 +337,7 @@ def save_checkpoint(accelerator, output: Path, step: int, history: list, best: f
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     if accelerator.is_main_process:
-        _atomic_json(staging / "progress.json", {"step": step, "history": history, "best_top1": best})
+        write_json(staging / "progress.json", {"step": step, "history": history, "best_top1": best})
         os.replace(staging, final)
     accelerator.wait_for_everyone()
 
@@ -317,7 +353,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list, best: float | None,
            trainable: int, step_times: list[float], accelerator) -> dict[str, Any]:
     method = recipe["adapter"]["method"]
-    if method in ("full", "linear"):
+    if method in BASELINES:
         from safetensors.torch import save_file
 
         (output / "adapter").mkdir(exist_ok=True)
@@ -326,10 +362,7 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
     else:
         vp.save(model, output / "adapter")
     evaluated = [r for r in history if r["top1"] is not None]
-    with open(output / "metrics.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "epoch", "loss", "lr", "images_per_s", "top1"])
-        writer.writeheader()
-        writer.writerows(history)
+    write_csv(output / "metrics.csv", history, ["step", "epoch", "loss", "lr", "images_per_s", "top1"])
     summary = {
         "method": method,
         "task": recipe["data"].get("task"),
@@ -341,7 +374,7 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
         "steps": history[-1]["step"] if history else 0,
         "processes": accelerator.num_processes,
     }
-    _atomic_json(output / "summary.json", summary)
+    write_json(output / "summary.json", summary)
     plot_curves(history, output / "curves.png", title=f"{method} on {recipe['data'].get('task') or recipe['data']['root']}")
     return summary
 
@@ -372,6 +405,8 @@ def evaluate_adapter(recipe: dict[str, Any], adapter_dir: str) -> float:
     set_seed(recipe["train"]["seed"])  # the same base weights as training when the backbone is not pretrained
     _, eval_set = datasets(recipe)
     model = build_model(recipe, eval_set.num_classes)
+    if recipe["adapter"]["method"] == "peft-lora":
+        model = apply_adapter(model, recipe["adapter"])
     directory = Path(adapter_dir)
     trained = directory / "trained.safetensors"
     if trained.is_file():

@@ -1,0 +1,236 @@
+"""Mini VTAB-1k: every method on every generated task, 3 seeds, both tiny pretrained backbones.
+
+Accuracy: each (backbone, task, method, seed) is trained by the recipe runner from
+``recipes/mini_vtab/<method>.yaml`` (the same schedule for every method, final top-1 on the test
+split, no best-of-eval picking); finished runs are kept under ``--runs`` and skipped on a re-run.
+Cost: step time and training-step peak memory of each method at the recipes' batch size, measured
+by ``harness.py`` (each configuration in its own process, interleaved rounds) against the frozen
+floor (trunk frozen, activation gradients through every block) and HF PEFT's LoRA, the outside peer.
+
+Writes a markdown table per backbone (top-1 mean ± std per task, average, trainable parameters, step
+time, memory above the floor), the targets' verdicts, and a bar chart.
+
+    python benchmarks/mini_vtab.py [--backbones vit convnet] [--seeds 0 1 2] [--out benchmarks/results/mini_vtab_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from harness import Workload, frozen_floor, machine  # noqa: E402
+from harness import main as harness_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes" / "mini_vtab"
+METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd"]
+PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd"]
+BACKBONES = ["vit", "convnet"]
+BATCH = 32
+
+
+def recipe_for(method: str, backbone: str, overrides: list[str] = ()) -> dict:
+    from visionpeft.training import load_recipe
+
+    return load_recipe(RECIPES / f"{method}.yaml", [f"model.name=visionpeft/tiny_{backbone}", *overrides])
+
+
+# --- accuracy -------------------------------------------------------------------------------------
+def run_accuracy(args) -> dict:
+    """{(backbone, task, method): [final top-1 per seed]} and {(backbone, method): trainable parameters}."""
+    from tqdm import tqdm
+
+    from visionpeft.data.mini_vtab import write_mini_vtab
+    from visionpeft.training import train
+
+    write_mini_vtab(args.data, args.tasks)
+    jobs = [(b, t, m, s) for b in args.backbones for t in args.tasks for m in args.methods for s in args.seeds]
+    top1: dict = {}
+    trainable: dict = {}
+    for backbone, task, method, seed in tqdm(jobs, desc="mini VTAB runs", unit="run"):
+        output = Path(args.runs) / backbone / task / method / f"seed{seed}"
+        summary_file = output / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+        else:
+            overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", f"output={output}"]
+            if args.epochs:
+                overrides.append(f"train.epochs={args.epochs}")
+            summary = train(recipe_for(method, backbone, overrides), progress=False)
+        top1.setdefault((backbone, task, method), []).append(summary["final_top1"])
+        trainable[(backbone, method)] = summary["trainable_parameters"]
+    return {"top1": top1, "trainable": trainable}
+
+
+# --- cost -----------------------------------------------------------------------------------------
+def _batch(device: str):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (BATCH,), generator=g).to(device)
+
+
+def _loss(model, inputs, target):
+    import visionpeft as vp
+
+    return F.cross_entropy(model(inputs), target) + vp.regularization(model)
+
+
+def _floor_params(model):
+    # the lowest cheap parameter, so activation gradients flow through every block
+    return [model.pos_embed] if hasattr(model, "pos_embed") else [model.stem[1].weight]
+
+
+def workloads() -> dict[str, Workload]:
+    from visionpeft.models.tiny import tiny
+
+    return {b: Workload(f"tiny {b}, 32 px, batch {BATCH}", lambda b=b: tiny(b, num_classes=10), _batch, _loss,
+                        floor_params=_floor_params, head=("head",) if b == "vit" else ("head.fc",))
+            for b in BACKBONES}
+
+
+def _adapter_config(method: str):
+    def setup(model, workload):
+        from visionpeft.training.runner import apply_adapter
+
+        backbone = "vit" if hasattr(model, "pos_embed") else "convnet"
+        return apply_adapter(model, recipe_for(method, backbone)["adapter"])
+
+    return setup
+
+
+def cost_configs() -> dict:
+    return {"floor": frozen_floor} | {m: _adapter_config(m) for m in METHODS}
+
+
+def run_cost(args) -> dict:
+    """{(backbone, method): harness row}."""
+    rows = {}
+    for backbone in args.backbones:
+        argv = ["--workloads", backbone, "--configs", "floor", *args.methods, "--repeats", str(args.repeats),
+                "--steps", str(args.steps), "--warmup", "2"]
+        for row in harness_main(cost_configs(), workloads(), floor="floor", peer="peft-lora", argv=argv):
+            rows[(backbone, row["config"])] = row
+    return rows
+
+
+# --- report ---------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def render(args, accuracy: dict, cost: dict) -> str:
+    top1, trainable = accuracy["top1"], accuracy["trainable"]
+    lines = [f"Machine: {machine('cpu')}. Top-1 on each task's test split after the recipes' 10 epochs "
+             f"(mean ± std over seeds {', '.join(map(str, args.seeds))}); step time and training-step peak "
+             f"memory at batch {BATCH} (median of {args.steps} steps, {args.repeats} interleaved rounds, own process).", ""]
+    for backbone in args.backbones:
+        floor = cost.get((backbone, "floor"))
+        lines += [f"### tiny {backbone}", "",
+                  "| method | " + " | ".join(args.tasks) + " | average | trainable | step × floor | memory above floor (MB) |",
+                  "|---|" + "---:|" * (len(args.tasks) + 4)]
+        for method in args.methods:
+            cells = []
+            for task in args.tasks:
+                mean, std = _mean_std(top1[(backbone, task, method)])
+                cells.append(f"{mean:.1f} ± {std:.1f}")
+            average = statistics.mean(statistics.mean(top1[(backbone, t, method)]) for t in args.tasks)
+            row = cost.get((backbone, method))
+            step = f"{row['step_s'] / floor['step_s']:.2f}" if row and floor else "n/a"
+            memory = f"{row['peak_mb'] - floor['peak_mb']:+.0f}" if row and floor else "n/a"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {average:.1f} | {trainable[(backbone, method)]:,} | "
+                         f"{step} | {memory} |")
+        if floor:
+            lines.append(f"\nFrozen floor: {floor['step_s'] * 1000:.0f} ms/step, {floor['peak_mb']:.0f} MB peak.")
+        lines += ["", *verdicts(args, top1, backbone), ""]
+    return "\n".join(lines)
+
+
+def verdicts(args, top1: dict, backbone: str) -> list[str]:
+    """The issue's three targets, checked on this backbone's numbers."""
+    out = []
+    methods = [m for m in args.methods if m != "linear"]
+    if "linear" in args.methods:
+        losses = [f"{m} on {t}" for m in methods for t in args.tasks
+                  if statistics.mean(top1[(backbone, t, m)]) <= statistics.mean(top1[(backbone, t, "linear")])]
+        out.append(f"- every method beats the linear probe on every task: "
+                   f"{'**met**' if not losses else '**missed** (' + ', '.join(losses) + ')'}")
+    if {"lora", "peft-lora"} <= set(args.methods):
+        outside = []
+        for task in args.tasks:
+            ours, _ = _mean_std(top1[(backbone, task, "lora")])
+            theirs, std = _mean_std(top1[(backbone, task, "peft-lora")])
+            if abs(ours - theirs) > std:
+                outside.append(f"{task} ({ours:.1f} vs {theirs:.1f} ± {std:.1f})")
+        out.append(f"- our LoRA within one std of PEFT's LoRA: {'**met**' if not outside else '**missed** on ' + ', '.join(outside)}")
+    if "full" in args.methods:
+        average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in args.methods}
+        candidates = [m for m in PEFT_METHODS if m in average]
+        if candidates:
+            best = max(candidates, key=average.get)
+            gap = average["full"] - average[best]
+            out.append(f"- best PEFT method ({best}, {average[best]:.1f}) within 1 point of full fine-tuning "
+                       f"({average['full']:.1f}) on average: {'**met**' if gap <= 1.0 else '**missed**'} (gap {gap:+.1f})")
+    return out
+
+
+def plot(args, accuracy: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top1 = accuracy["top1"]
+    fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 3.8), squeeze=False)
+    width = 0.8 / len(args.methods)
+    for ax, backbone in zip(axes[0], args.backbones):
+        for i, method in enumerate(args.methods):
+            stats = [_mean_std(top1[(backbone, t, method)]) for t in args.tasks]
+            ax.bar([x + i * width for x in range(len(args.tasks))], [m for m, _ in stats], width,
+                   yerr=[s for _, s in stats], label=method, capsize=2)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(args.tasks))], args.tasks)
+        ax.set(ylabel="top-1 (%)", title=f"tiny {backbone}", ylim=(0, 100))
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle("mini VTAB-1k: test top-1, mean ± std over seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    if "--child" in sys.argv:  # a cost measurement process started by the harness
+        harness_main(cost_configs(), workloads(), floor="floor", peer="peft-lora")
+        return
+    from visionpeft.data.mini_vtab import MINI_TASKS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
+    parser.add_argument("--tasks", nargs="+", default=list(MINI_TASKS), choices=list(MINI_TASKS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per cost measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of cost measurements")
+    parser.add_argument("--skip-cost", action="store_true", help="accuracy only")
+    parser.add_argument("--data", default="runs/mini_vtab")
+    parser.add_argument("--runs", default="runs/mini_vtab_bench")
+    parser.add_argument("--out", default=None, help="write the markdown report here (and a .png chart beside it)")
+    args = parser.parse_args()
+    accuracy = run_accuracy(args)
+    cost = {} if args.skip_cost else run_cost(args)
+    report = render(args, accuracy, cost)
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"## Mini VTAB-1k: `python benchmarks/mini_vtab.py`\n\n{report}\n")
+        plot(args, accuracy, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
