@@ -64,7 +64,7 @@ def run_accuracy(args) -> dict:
                 overrides.append(f"train.epochs={args.epochs}")
             summary = train(recipe_for(method, backbone, overrides), progress=False)
         top1.setdefault((backbone, task, method), []).append(summary["final_top1"])
-        trainable[(backbone, method)] = summary["trainable_parameters"]
+        trainable.setdefault((backbone, method), summary["trainable_parameters"])  # on the first task
     return {"top1": top1, "trainable": trainable}
 
 
@@ -131,7 +131,7 @@ def render(args, accuracy: dict, cost: dict) -> str:
     for backbone in args.backbones:
         floor = cost.get((backbone, "floor"))
         lines += [f"### tiny {backbone}", "",
-                  "| method | " + " | ".join(args.tasks) + " | average | trainable | step × floor | memory above floor (MB) |",
+                  "| method | " + " | ".join(args.tasks) + f" | average | trainable ({args.tasks[0]}) | step × floor | memory above floor (MB) |",
                   "|---|" + "---:|" * (len(args.tasks) + 4)]
         for method in args.methods:
             cells = []
