@@ -356,9 +356,11 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
     if method in BASELINES:
         from safetensors.torch import save_file
 
+        from visionpeft.io import atomic_write
+
         (output / "adapter").mkdir(exist_ok=True)
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(tensors, str(output / "adapter" / "trained.safetensors"))
+        atomic_write(output / "adapter" / "trained.safetensors", lambda tmp: save_file(tensors, tmp))
     else:
         vp.save(model, output / "adapter")
     evaluated = [r for r in history if r["top1"] is not None]
