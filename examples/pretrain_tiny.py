@@ -50,7 +50,8 @@ def held_out_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: dict
             for family, chunk in zip(PRETRAINING_LABELS, chunks)}
 
 
-def pretrain(backbone: str, steps: int, batch_size: int, output: Path) -> dict:
+def pretrain(backbone: str, steps: int, batch_size: int, output: Path, weights: Path | None = None) -> dict:
+    """Pretrain one backbone; its trunk goes to ``weights`` (default: the package's file)."""
     torch.manual_seed(0)
     model = build_tiny(backbone, num_classes=sum(PRETRAINING_LABELS.values()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR[backbone], weight_decay=0.05)
@@ -78,7 +79,7 @@ def pretrain(backbone: str, steps: int, batch_size: int, output: Path) -> dict:
               "steps": steps, "batch_size": batch_size, "lr": LR[backbone], "seconds": round(time.perf_counter() - start),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "held_out_accuracy": history[-1]["accuracy"], "label_families": PRETRAINING_LABELS}
-    save_trunk(model, weights_path(backbone), record)
+    save_trunk(model, weights or weights_path(backbone), record)
     plot(history, output / f"tiny_{backbone}_pretraining.png", backbone)
     return record
 
@@ -123,13 +124,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results are reproducible per count)")
     parser.add_argument("--output", default="runs/pretrain_tiny")
+    parser.add_argument("--weights-dir", default=None, help="write tiny_<backbone>.safetensors here instead of the package")
     args = parser.parse_args()
     if args.steps < 1 or args.batch_size < 1:
         parser.error(f"--steps and --batch-size must be >= 1 (got {args.steps}, {args.batch_size})")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     for backbone in args.backbone:
-        record = pretrain(backbone, args.steps, args.batch_size, Path(args.output))
+        weights = Path(args.weights_dir) / weights_path(backbone).name if args.weights_dir else None
+        record = pretrain(backbone, args.steps, args.batch_size, Path(args.output), weights)
         print(json.dumps(record))
 
 

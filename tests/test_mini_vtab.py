@@ -103,6 +103,24 @@ def test_shipped_backbone_loads_offline_and_is_pretrained(name):
         assert record["held_out_accuracy"][family] > 2 * 100 / classes, (family, record["held_out_accuracy"])
 
 
+def test_pretraining_is_deterministic(tmp_path):
+    """Two runs of the pretraining script's loop give bit-identical weights (and the shipped file is not touched)."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "examples" / "pretrain_tiny.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shipped = weights_path("vit").stat().st_mtime_ns
+    runs = []
+    for run in ("a", "b"):
+        script.pretrain("vit", steps=2, batch_size=8, output=tmp_path / run, weights=tmp_path / f"{run}.safetensors")
+        runs.append(load_file(str(tmp_path / f"{run}.safetensors")))
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert weights_path("vit").stat().st_mtime_ns == shipped
+
+
 def test_tiny_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown tiny backbone 'resnet'; available: vit, convnet"):
         tiny("resnet")
