@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from visionpeft.training.outputs import write_csv, write_json
-from visionpeft.training.recipe import NUMBER, REQUIRED, apply_overrides, read_yaml, validate_schema
+from visionpeft.training.recipe import (
+    ADAPTER_SECTION, NUMBER, REQUIRED, apply_overrides, check_method_options, read_yaml, validate_schema,
+)
 from visionpeft.models.pipelines import PREDICTION_TYPES
 from visionpeft.training.recipe import SCHEMA as CLASSIFICATION_SCHEMA
 
@@ -50,11 +52,7 @@ SCHEMA: dict[str, Any] = {
         "revision": ((str, NULL), None),
         "variant": ((str, NULL), None),
     },
-    "adapter": {
-        "method": ((str,), REQUIRED),
-        "options": ((dict,), {}),
-        "targets": ((str, list, NULL), None),
-    },
+    "adapter": ADAPTER_SECTION,
     "text_encoder": {
         "method": ((str, NULL), None),
         "options": ((dict,), {}),
@@ -114,10 +112,6 @@ POSITIVE = ("data.resolution", "prior.num_class_images", "prior.sample_steps", "
 
 
 # --- the recipe ---------------------------------------------------------------------------------
-def is_dreambooth(raw: Any) -> bool:
-    return isinstance(raw, dict) and raw.get("task") == TASK
-
-
 def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
     """A complete DreamBooth recipe (defaults filled in); a ValueError names the first bad key and what is allowed."""
     recipe = validate_schema(raw, SCHEMA, CHOICES, source)
@@ -126,8 +120,6 @@ def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
 
 
 def _check_semantics(recipe: dict[str, Any], source: str) -> None:
-    from visionpeft.methods.base import get_method, resolve_options
-
     for key in POSITIVE:
         section, name = key.split(".")
         if recipe[section][name] < 1:
@@ -157,10 +149,7 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
                     raise ValueError(f"{source}: {section}.{key}={recipe[section][key]!r} is given without "
                                      f"{section}.method (null: the {section.replace('_', ' ')} is not adapted)")
             continue
-        try:
-            resolve_options(get_method(method), recipe[section]["options"])
-        except ValueError as err:
-            raise ValueError(f"{source}: {section}: {err}") from None
+        check_method_options(method, recipe[section]["options"], source, section)
 
 
 def _check_prior(prior: dict[str, Any], source: str) -> None:

@@ -30,7 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from visionpeft.training.recipe import NUMBER, REQUIRED, apply_overrides, read_yaml, validate_schema
+from visionpeft.training.recipe import (
+    ADAPTER_SECTION, NUMBER, REQUIRED, apply_overrides, check_method_options, read_yaml, validate_schema,
+)
 
 TASK = "fewshot"
 NULL = type(None)
@@ -46,11 +48,7 @@ SCHEMA: dict[str, Any] = {
         "mean": ((list, NULL), None),
         "std": ((list, NULL), None),
     },
-    "adapter": {
-        "method": ((str,), REQUIRED),
-        "options": ((dict,), {}),
-        "targets": ((str, list, NULL), None),
-    },
+    "adapter": ADAPTER_SECTION,
     "data": {
         "split_file": ((str,), REQUIRED),
         "image_root": ((str,), REQUIRED),
@@ -91,10 +89,6 @@ AT_LEAST_ZERO = ("data.num_workers", "train.warmup_steps", "train.weight_decay",
 
 
 # --- the recipe ---------------------------------------------------------------------------------
-def is_fewshot(raw: Any) -> bool:
-    return isinstance(raw, dict) and raw.get("task") == TASK
-
-
 def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
     """A complete few-shot recipe (defaults filled in); a ValueError names the first bad key and what is allowed."""
     recipe = validate_schema(raw, SCHEMA, CHOICES, source)
@@ -163,12 +157,7 @@ def _check_templates(templates: list, source: str) -> None:
 
 
 def _check_adapter(adapter: dict[str, Any], source: str) -> None:
-    from visionpeft.methods.base import get_method, resolve_options
-
-    try:
-        resolve_options(get_method(adapter["method"]), adapter["options"])
-    except ValueError as err:
-        raise ValueError(f"{source}: adapter: {err}") from None
+    check_method_options(adapter["method"], adapter["options"], source)
 
 
 # --- the data -----------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ NUMBER = (int, float)
 
 #: section -> key -> (allowed types, default); a default of REQUIRED must be given
 REQUIRED = object()
+#: the adapter section every recipe kind shares: a registered method, its options, its targets
+ADAPTER_SECTION: dict[str, tuple[tuple, Any]] = {
+    "method": ((str,), REQUIRED),
+    "options": ((dict,), {}),
+    "targets": ((str, list, type(None)), None),
+}
 SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
     "model": {
         "name": ((str,), REQUIRED),
@@ -34,12 +40,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "std": ((list,), [0.229, 0.224, 0.225]),
         "kwargs": ((dict,), {}),
     },
-    "adapter": {
-        "method": ((str,), REQUIRED),
-        "options": ((dict,), {}),
-        "targets": ((str, list, type(None)), None),
-        "unfreeze": ((list,), ["head"]),
-    },
+    "adapter": ADAPTER_SECTION | {"unfreeze": ((list,), ["head"])},
     "data": {
         "format": ((str,), REQUIRED),
         "root": ((str,), REQUIRED),
@@ -148,6 +149,16 @@ def validate_schema(raw: Any, schema: dict[str, Any], choices: dict[str, tuple],
     return recipe
 
 
+def check_method_options(method: str, options: dict[str, Any], source: str, section: str = "adapter") -> None:
+    """A registered method and options it accepts; the ValueError names the recipe and the section."""
+    from visionpeft.methods.base import get_method, resolve_options
+
+    try:
+        resolve_options(get_method(method), options)
+    except ValueError as err:
+        raise ValueError(f"{source}: {section}: {err}") from None
+
+
 def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
     """A complete recipe (defaults filled in) from a parsed mapping; raises ValueError naming the key."""
     recipe = validate_schema(raw, SCHEMA, CHOICES, source)
@@ -169,12 +180,7 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: train.grad_clip={train['grad_clip']!r} must be > 0, or null for no clipping")
     method = recipe["adapter"]["method"]
     if method not in BASELINES:
-        from visionpeft.methods.base import get_method, resolve_options
-
-        try:
-            resolve_options(get_method(method), recipe["adapter"]["options"])
-        except ValueError as err:
-            raise ValueError(f"{source}: adapter: {err}") from None
+        check_method_options(method, recipe["adapter"]["options"], source)
     else:
         allowed = BASELINE_OPTIONS.get(method, {})
         for key, value in recipe["adapter"]["options"].items():
