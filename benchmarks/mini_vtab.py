@@ -10,7 +10,8 @@ floor (trunk frozen, activation gradients through every block) and HF PEFT's LoR
 Writes a markdown table per backbone (top-1 mean ± std per task, average, trainable parameters, step
 time, memory above the floor), the targets' verdicts, and a bar chart.
 
-    python benchmarks/mini_vtab.py [--backbones vit convnet] [--seeds 0 1 2] [--out benchmarks/results/mini_vtab_cpu.md]
+    python benchmarks/mini_vtab.py [--backbones vit convnet] [--seeds 0 1 2] [--workers 2] [--out benchmarks/results/mini_vtab_cpu.md]
+    python benchmarks/mini_vtab.py --tune-lr --tasks digits orientation --workers 2   # the recipes' learning rates
 """
 from __future__ import annotations
 
@@ -42,30 +43,114 @@ def recipe_for(method: str, backbone: str, overrides: list[str] = ()) -> dict:
 
 
 # --- accuracy -------------------------------------------------------------------------------------
-def run_accuracy(args) -> dict:
-    """{(backbone, task, method): [final top-1 per seed]} and {(backbone, method): trainable parameters}."""
-    from tqdm import tqdm
+# Learning rates tried per method on train800 -> val200 (seed 0) by ``--tune-lr``; PEFT's LoRA takes
+# LoRA's, so the two differ only in implementation.
+# (grids reach one step past each method's best, so no best sits on an edge).
+LR_GRID = {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
+           "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
+           "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1], "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}
 
-    from visionpeft.data.mini_vtab import write_mini_vtab
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_one(method: str, backbone: str, overrides: list[str]) -> dict:
     from visionpeft.training import train
 
+    return train(recipe_for(method, backbone, overrides), progress=False)
+
+
+def run_jobs(jobs: dict, workers: int, desc: str) -> dict:
+    """Train every job ``{key: (method, backbone, overrides, output)}``; {key: summary}.
+
+    A job whose ``output/summary.json`` exists is read, not re-run. With ``workers`` > 1 the jobs run in
+    that many spawned processes sharing this process's threads (on 2 cores, two 1-thread runs finish
+    1.4x sooner than one 2-thread run; the results are the same, training is deterministic).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    summaries, todo = {}, {}
+    for key, (method, backbone, overrides, output) in jobs.items():
+        summary_file = Path(output) / "summary.json"
+        if summary_file.is_file():
+            summaries[key] = json.loads(summary_file.read_text())
+        else:
+            todo[key] = (method, backbone, [*overrides, f"output={output}"])
+    progress = tqdm(total=len(jobs), initial=len(summaries), desc=desc, unit="run")
+    if workers <= 1 or len(todo) <= 1:
+        for key, job in todo.items():
+            summaries[key] = _train_one(*job)
+            progress.update()
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_train_one, *job): key for key, job in todo.items()}
+            for future in as_completed(futures):
+                summaries[futures[future]] = future.result()
+                progress.update()
+    progress.close()
+    return summaries
+
+
+def _epochs(args) -> list[str]:
+    return [f"train.epochs={args.epochs}"] if args.epochs else []
+
+
+def run_accuracy(args) -> dict:
+    """{(backbone, task, method): [final top-1 per seed]} and {(backbone, method): trainable parameters}."""
+    from visionpeft.data.mini_vtab import write_mini_vtab
+
     write_mini_vtab(args.data, args.tasks)
-    jobs = [(b, t, m, s) for b in args.backbones for t in args.tasks for m in args.methods for s in args.seeds]
+    jobs = {}
+    for backbone, task, method, seed in ((b, t, m, s) for b in args.backbones for t in args.tasks
+                                         for m in args.methods for s in args.seeds):
+        overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", *_epochs(args)]
+        jobs[(backbone, task, method, seed)] = (method, backbone, overrides,
+                                                Path(args.runs) / backbone / task / method / f"seed{seed}")
+    summaries = run_jobs(jobs, args.workers, "mini VTAB runs")
     top1: dict = {}
     trainable: dict = {}
-    for backbone, task, method, seed in tqdm(jobs, desc="mini VTAB runs", unit="run"):
-        output = Path(args.runs) / backbone / task / method / f"seed{seed}"
-        summary_file = output / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-        else:
-            overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", f"output={output}"]
-            if args.epochs:
-                overrides.append(f"train.epochs={args.epochs}")
-            summary = train(recipe_for(method, backbone, overrides), progress=False)
+    for (backbone, task, method, seed) in jobs:  # insertion order: seeds in order, first task first
+        summary = summaries[(backbone, task, method, seed)]
         top1.setdefault((backbone, task, method), []).append(summary["final_top1"])
-        trainable.setdefault((backbone, method), summary["trainable_parameters"])  # on the first task
+        trainable.setdefault((backbone, method), summary["trainable_parameters"])
     return {"top1": top1, "trainable": trainable}
+
+
+def tune_lr(args) -> str:
+    """Train each method at each of its ``LR_GRID`` rates on train800, score on val200 (seed 0); a table."""
+    from visionpeft.data.mini_vtab import write_mini_vtab
+
+    write_mini_vtab(args.data, args.tasks)
+    methods = [m for m in args.methods if m != "peft-lora"]
+    jobs = {}
+    for backbone, task, method in ((b, t, m) for b in args.backbones for t in args.tasks for m in methods):
+        for lr in LR_GRID[method]:
+            overrides = [f"data.root={args.data}", f"data.task={task}", "data.train_split=train800",
+                         "data.eval_split=val200", "train.seed=0", f"train.lr={lr}", *_epochs(args)]
+            jobs[(backbone, task, method, lr)] = (method, backbone, overrides,
+                                                  Path(args.runs) / "lr" / backbone / task / method / f"lr{lr:g}")
+    summaries = run_jobs(jobs, args.workers, "learning-rate runs")
+    lines = [f"Machine: {machine('cpu')}. Val200 top-1 after training on train800 (seed 0, the recipes' schedule); "
+             "**bold** is each method's best mean over the tasks.", ""]
+    for backbone in args.backbones:
+        lines += [f"### tiny {backbone}: learning rate on val200", "",
+                  "| method | lr | " + " | ".join(args.tasks) + " | mean |", "|---|---:|" + "---:|" * (len(args.tasks) + 1)]
+        for method in methods:
+            means = {lr: statistics.mean(summaries[(backbone, t, method, lr)]["final_top1"] for t in args.tasks)
+                     for lr in LR_GRID[method]}
+            best = max(means, key=means.get)
+            for lr in LR_GRID[method]:
+                cells = [f"{summaries[(backbone, t, method, lr)]['final_top1']:.1f}" for t in args.tasks]
+                mark = "**" if lr == best else ""
+                lines.append(f"| {method} | {mark}{lr:g}{mark} | " + " | ".join(cells) + f" | {mark}{means[lr]:.1f}{mark} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- cost -----------------------------------------------------------------------------------------
@@ -217,10 +302,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cost measurement")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of cost measurements")
     parser.add_argument("--skip-cost", action="store_true", help="accuracy only")
+    parser.add_argument("--tune-lr", action="store_true",
+                        help="instead of the benchmark: each method's LR_GRID on train800 -> val200, seed 0")
+    parser.add_argument("--workers", type=int, default=1, help="training runs in parallel, sharing the threads")
     parser.add_argument("--data", default="runs/mini_vtab")
     parser.add_argument("--runs", default="runs/mini_vtab_bench")
     parser.add_argument("--out", default=None, help="write the markdown report here (and a .png chart beside it)")
     args = parser.parse_args()
+    if args.tune_lr:
+        report = tune_lr(args)
+        print(report)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(f"## Mini VTAB-1k learning rates: `python benchmarks/mini_vtab.py --tune-lr`\n\n{report}\n")
+        return
     accuracy = run_accuracy(args)
     cost = {} if args.skip_cost else run_cost(args)
     report = render(args, accuracy, cost)

@@ -7,7 +7,7 @@ from torch import nn
 
 import visionpeft as vp
 from conftest import perturb
-from visionpeft.methods.svd import decompose
+from visionpeft.methods.svd import _svd_by_gram, decompose
 from visionpeft.models import build
 
 
@@ -38,6 +38,28 @@ def test_decompose_is_exact_with_deterministic_signs():
     assert torch.all(u.gather(0, u.abs().argmax(0, keepdim=True)) > 0)
     u2, _, _ = decompose(-(-w), 7)
     assert torch.equal(u, u2)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+def test_gram_path_agrees_with_lapack_svd_and_refuses_ill_conditioned(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64)
+    u, sigma, v = _svd_by_gram(w)
+    reference_u, reference_sigma, reference_vh = torch.linalg.svd(w, full_matrices=False)
+    assert torch.allclose(sigma, reference_sigma, atol=1e-10)
+    assert torch.allclose((u * reference_u).sum(0).abs(), torch.ones(min(shape), dtype=w.dtype), atol=1e-8)
+    assert torch.allclose(u.t() @ u, torch.eye(min(shape), dtype=w.dtype), atol=1e-9)
+    assert torch.allclose((u * sigma) @ v.t(), w, atol=1e-12)
+    # squared condition number too large, a zero singular value, a zero matrix: the LAPACK SVD is used instead
+    q1, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
+    for bad in ((q1 * torch.logspace(0, -7, 30, dtype=torch.float64)) @ q2.t(),
+                torch.randn(30, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64),
+                torch.zeros(5, 5, dtype=torch.float64)):
+        assert _svd_by_gram(bad) is None
+        u, sigma, v = decompose(bad, 30)
+        assert torch.allclose((u * sigma) @ v.t(), bad, atol=1e-12)
+        assert torch.allclose(sigma, torch.linalg.svdvals(bad), atol=1e-12)
 
 
 def test_fused_projections_are_split_and_counts_match_min_dims():

@@ -1,0 +1,66 @@
+"""benchmarks/mini_vtab.py: resuming from finished runs, the learning-rate table, the targets' verdicts."""
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("mini_vtab_bench", ROOT / "benchmarks" / "mini_vtab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished(output: Path, top1: float, trainable: int = 100) -> None:
+    output.mkdir(parents=True)
+    (output / "summary.json").write_text(json.dumps({"final_top1": top1, "trainable_parameters": trainable}))
+
+
+def test_finished_runs_are_read_not_retrained(bench, tmp_path):
+    _finished(tmp_path / "a", 71.5)
+    _finished(tmp_path / "b", 12.0)
+    # a job that had to train would fail: the recipe "no-such-method" does not exist
+    jobs = {"a": ("no-such-method", "vit", [], tmp_path / "a"), "b": ("no-such-method", "vit", [], tmp_path / "b")}
+    summaries = bench.run_jobs(jobs, workers=2, desc="test")
+    assert {key: s["final_top1"] for key, s in summaries.items()} == {"a": 71.5, "b": 12.0}
+    with pytest.raises(FileNotFoundError):
+        bench.run_jobs({"c": ("no-such-method", "vit", [], tmp_path / "c")}, workers=1, desc="test")
+
+
+def test_learning_rate_table_marks_each_methods_best_mean(bench, tmp_path, monkeypatch):
+    import visionpeft.data.mini_vtab as mini_vtab
+
+    monkeypatch.setattr(mini_vtab, "write_mini_vtab", lambda root, tasks: None)
+    scores = {("digits", 3e-3): 80.0, ("digits", 1e-2): 90.0, ("digits", 3e-2): 95.0,
+              ("counting", 3e-3): 70.0, ("counting", 1e-2): 75.0, ("counting", 3e-2): 60.0}
+    for (task, lr), top1 in scores.items():
+        _finished(tmp_path / "lr" / "vit" / task / "lora" / f"lr{lr:g}", top1)
+    args = Namespace(backbones=["vit"], tasks=["digits", "counting"], methods=["lora", "peft-lora"], epochs=None,
+                     data=str(tmp_path / "data"), runs=str(tmp_path), workers=1)
+    table = bench.tune_lr(args)
+    rows = [line for line in table.splitlines() if line.startswith("| lora")]
+    assert len(rows) == 3 and "peft-lora" not in table  # PEFT's LoRA takes LoRA's rate
+    assert rows[1] == "| lora | **0.01** | 90.0 | 75.0 | **82.5** |"  # 82.5 beats 75.0 and 77.5
+    assert "**" not in rows[0] + rows[2]
+
+
+def test_verdicts_name_what_misses(bench):
+    tasks = ["digits", "counting"]
+    args = Namespace(methods=["linear", "full", "peft-lora", "lora", "sara"], tasks=tasks)
+    top1 = {("vit", t, m): values for t in tasks for m, values in {
+        "linear": [50.0, 50.0], "full": [90.0, 90.0], "peft-lora": [88.0, 90.0], "lora": [89.5, 89.5],
+        "sara": [45.0, 65.0]}.items()}
+    met = bench.verdicts(args, top1, "vit")
+    assert all(line.endswith("**met**") or "**met** (gap +0.5)" in line for line in met), met
+    top1[("vit", "counting", "sara")] = [40.0, 50.0]
+    top1[("vit", "digits", "lora")] = [80.0, 80.0]
+    missed = bench.verdicts(args, top1, "vit")
+    assert "**missed** (sara on counting)" in missed[0]
+    assert "**missed** on digits (80.0 vs 89.0 ± 1.4)" in missed[1]
+    assert "(lora, 84.8)" in missed[2] and "**missed** (gap +5.2)" in missed[2]
