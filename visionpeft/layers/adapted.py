@@ -13,10 +13,19 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from visionpeft.layers.kinds import LayerKind, Slot, kind_of
+from visionpeft.layers.kinds import REBUILD_ATTR, LayerKind, Slot, kind_of
 
 ADAPTERS_ATTR = "vp_adapters"
 _CLASS_CACHE: dict[type, type] = {}
+
+
+def _fused(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The blocks' effective weights concatenated; rebuilt in backward when every block can be."""
+    fused = torch.cat(blocks, dim=0)
+    rebuilds = [getattr(block, REBUILD_ATTR, None) for block in blocks]
+    if all(rebuilds):
+        setattr(fused, REBUILD_ATTR, lambda: torch.cat([rebuild() for rebuild in rebuilds], dim=0))
+    return fused
 
 
 class AdaptedLayer:
@@ -43,7 +52,7 @@ class AdaptedLayer:
                 if isinstance(methods, nn.ModuleList):  # fused projection adapted per block
                     base = weights.get(slot_name, kind.read(self, slot_name))
                     parts = base.split(slot.block_split(), dim=0)
-                    weights[slot_name] = torch.cat([m.effective_weight(p) for m, p in zip(methods, parts)], dim=0)
+                    weights[slot_name] = _fused([m.effective_weight(p) for m, p in zip(methods, parts)])
                 elif x is not None and methods.uses_activation_path(slot):
                     output_deltas.append((methods, slot))
                 else:

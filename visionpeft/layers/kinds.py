@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,22 @@ def swapped_parameters(pairs: list[tuple[nn.Module, str, torch.Tensor]]) -> Iter
 REBUILD_ATTR = "_vp_rebuild"
 
 
+def rebuildable(effective: torch.Tensor, weight: torch.Tensor, rebuild: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mark ``effective`` (computed from ``weight``) as rebuilt in backward by ``rebuild(base weight)``.
+
+    ``rebuild`` must reproduce ``effective`` bit for bit from detached values. A ``weight`` that is itself
+    rebuildable (another adapter's effective weight) is rebuilt in turn rather than kept alive.
+    """
+    source = getattr(weight, REBUILD_ATTR, None) or weight.detach
+    setattr(effective, REBUILD_ATTR, lambda: rebuild(source()))
+    return effective
+
+
+def _other_saved_tensor_hooks() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 @contextlib.contextmanager
 def rebuilt_on_backward(weights: Iterable[torch.Tensor]) -> Iterator[None]:
     """While an op runs, save no copy of a computed weight that carries a ``_vp_rebuild`` function: autograd
@@ -101,7 +117,9 @@ def rebuilt_on_backward(weights: Iterable[torch.Tensor]) -> Iterator[None]:
     forward and backward. Second-order gradients do not flow through a rebuilt weight."""
     recipes = {w.untyped_storage().data_ptr(): (getattr(w, REBUILD_ATTR), w.dtype)
                for w in weights if hasattr(w, REBUILD_ATTR) and w.numel()}
-    if not recipes:
+    if not recipes or _other_saved_tensor_hooks():
+        # under non-reentrant checkpointing (or offloading) those hooks decide what is kept; hooks do not
+        # nest, and passing tensors through ours would keep what checkpointing means to drop
         yield
         return
 

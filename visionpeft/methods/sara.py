@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from visionpeft.layers.kinds import REBUILD_ATTR, Slot
+from visionpeft.layers.kinds import Slot, rebuildable
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, register
 
 DEFAULT_DENSITY = 0.05
@@ -308,12 +308,9 @@ class SaRA(Method):
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         change = self.value_change().to(weight.dtype)
         effective = _ScatterAdd.apply(weight, change, self.indices)
-        # the op saves a recipe instead of this weight-sized copy (layers.kinds.rebuilt_on_backward); a
-        # weight that is itself rebuildable (another adapter's) is rebuilt rather than kept alive
-        source = getattr(weight, REBUILD_ATTR, None) or weight.detach
+        # the op saves a recipe instead of this weight-sized copy (layers.kinds.rebuilt_on_backward)
         frozen_change, index = change.detach(), self.indices
-        setattr(effective, REBUILD_ATTR, lambda: scatter_add_copy(source(), frozen_change, index))
-        return effective
+        return rebuildable(effective, weight, lambda base: scatter_add_copy(base, frozen_change, index))
 
     def uses_activation_path(self, slot: Slot) -> bool:
         return self.path == "sparse" and slot.op == "linear" and slot.dtype in (torch.float32, torch.float64)

@@ -47,9 +47,11 @@ Memory and paths (``path``): K is never kept for backward; it is rebuilt from th
 ``"activation"`` (default) adds x·ΔWᵀ to the base output: on linear ops through a custom autograd
 function that saves only x and the factors, on convs under non-reentrant checkpointing, so nothing
 weight-sized is kept; it costs three matmuls per layer more than the frozen layer (x·ΔWᵀ, dL/dy·ΔW and
-the gradient of ΔW). ``"weight"`` runs the op with W + ΔW (ΔW checkpointed): one extra matmul, but the
-op keeps the weight-sized W + ΔW for backward. Matmuls dominate either way (the kernel, its top-k and
-their rebuild are ~20% of the layer's time). Measured on one ViT-S block (8 × 197 tokens; q, k, v, proj,
+the gradient of ΔW). ``"weight"`` runs the op with W + ΔW (ΔW checkpointed): one extra matmul; the op
+keeps the factors, not W + ΔW, for backward (``layers.kinds.rebuilt_on_backward`` rebuilds it there, a
+second rebuild of the kernel). Matmuls dominate either way (the kernel, its top-k and their rebuild are
+~20% of the layer's time). On ViT-S/16 (``benchmarks/snella.py``) the weight path steps 1.25x faster and
+sits ~100 MB (of +270) higher above the floor on CPU; rebuilding W + ΔW took 64 MB off that. Measured on one ViT-S block (8 × 197 tokens; q, k, v, proj,
 fc1, fc2 adapted at r = 8, density 0.3), forward + backward on one CPU thread: frozen 0.64 s, LoRA 0.78 s,
 weight path 1.23 s, activation path 1.50 s; ``benchmarks/snella.py`` measures a whole training step.
 Grouped convs (unless dropout is on), MultiheadAttention, fused q/k/v blocks (which the adapted layer
@@ -65,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionpeft.layers.kinds import Slot
+from visionpeft.layers.kinds import Slot, rebuildable
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, probability, register
 
 #: α_p of the distance kernel's two pieces (constants in the reference code); opposite signs are what
@@ -232,8 +234,8 @@ class SNELLA(Method):
                          "merge of the factors: distance, or distance plus SNELLA's softmax mixture"),
         "dropout": Option(0.0, probability, "a float in [0, 1)", "dropout on the adapter's input"),
         "path": Option("activation", lambda v: v in PATHS, " or ".join(map(repr, PATHS)),
-                       "linear/conv forward: x·ΔWᵀ added to the output (nothing weight-sized kept), or the op with "
-                       "W + ΔW (faster, keeps W + ΔW for backward)"),
+                       "linear/conv forward: x·ΔWᵀ added to the output, or the op with W + ΔW (fewer matmuls, "
+                       "W + ΔW rebuilt in backward, more transient memory)"),
     }
 
     def __init__(self, slot: Slot, rank: int, density: float, init_density: float, warmup: float, final: float,
@@ -306,8 +308,12 @@ class SNELLA(Method):
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return weight + self.delta().to(weight.dtype)
-        delta = checkpoint(self._builder(), *self._factors(), use_reentrant=False)
-        return weight + delta.view(self.slot_shape).to(weight.dtype)
+        build, factors = self._builder(), self._factors()
+        delta = checkpoint(build, *factors, use_reentrant=False)
+        effective = weight + delta.view(self.slot_shape).to(weight.dtype)
+        # the op keeps the factors, not W + ΔW, for its backward (layers.kinds.rebuilt_on_backward)
+        frozen, shape = [f.detach() for f in factors], self.slot_shape
+        return rebuildable(effective, weight, lambda base: base + build(*frozen).view(shape).to(base.dtype))
 
     def uses_activation_path(self, slot: Slot) -> bool:
         if slot.op not in ("linear", "conv"):
