@@ -51,6 +51,9 @@ LR_GRID = {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
            "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1], "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}
 
 
+LR_TIE = 1.0
+
+
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -61,10 +64,17 @@ def _train_one(method: str, backbone: str, overrides: list[str]) -> dict:
     return train(recipe_for(method, backbone, overrides), progress=False)
 
 
+def _same_recipe(recipe_file: Path, method: str, backbone: str, overrides: list[str]) -> bool:
+    """Whether a finished run was trained from the recipe as it is now (a changed learning rate re-runs it)."""
+    current = json.loads(json.dumps(recipe_for(method, backbone, overrides), default=str))
+    return json.loads(recipe_file.read_text()) == current
+
+
 def run_jobs(jobs: dict, workers: int, desc: str) -> dict:
     """Train every job ``{key: (method, backbone, overrides, output)}``; {key: summary}.
 
-    A job whose ``output/summary.json`` exists is read, not re-run. With ``workers`` > 1 the jobs run in
+    A job whose ``output/summary.json`` exists is read, not re-run, unless its ``recipe.json`` differs
+    from the recipe as it is now. With ``workers`` > 1 the jobs run in
     that many spawned processes sharing this process's threads (on 2 cores, two 1-thread runs finish
     1.4x sooner than one 2-thread run; the results are the same, training is deterministic).
     """
@@ -75,11 +85,12 @@ def run_jobs(jobs: dict, workers: int, desc: str) -> dict:
 
     summaries, todo = {}, {}
     for key, (method, backbone, overrides, output) in jobs.items():
-        summary_file = Path(output) / "summary.json"
-        if summary_file.is_file():
+        job = (method, backbone, [*overrides, f"output={output}"])
+        summary_file, recipe_file = Path(output) / "summary.json", Path(output) / "recipe.json"
+        if summary_file.is_file() and (not recipe_file.is_file() or _same_recipe(recipe_file, *job)):
             summaries[key] = json.loads(summary_file.read_text())
         else:
-            todo[key] = (method, backbone, [*overrides, f"output={output}"])
+            todo[key] = job
     progress = tqdm(total=len(jobs), initial=len(summaries), desc=desc, unit="run")
     if workers <= 1 or len(todo) <= 1:
         for key, job in todo.items():
@@ -122,6 +133,13 @@ def run_accuracy(args) -> dict:
     return {"top1": top1, "trainable": trainable}
 
 
+def chosen_lr(means: dict[float, float]) -> float:
+    """The smallest rate within ``LR_TIE`` points of the best val200 mean: near the edge of stability a
+    higher rate buys little on one seed and can diverge on another."""
+    top = max(means.values())
+    return min(lr for lr, mean in means.items() if mean >= top - LR_TIE)
+
+
 def tune_lr(args) -> str:
     """Train each method at each of its ``LR_GRID`` rates on train800, score on val200 (seed 0); a table."""
     from visionpeft.data.mini_vtab import write_mini_vtab
@@ -137,14 +155,14 @@ def tune_lr(args) -> str:
                                                   Path(args.runs) / "lr" / backbone / task / method / f"lr{lr:g}")
     summaries = run_jobs(jobs, args.workers, "learning-rate runs")
     lines = [f"Machine: {machine('cpu')}. Val200 top-1 after training on train800 (seed 0, the recipes' schedule); "
-             "**bold** is each method's best mean over the tasks.", ""]
+             f"**bold** is each method's choice: the smallest rate within {LR_TIE:g} point of its best mean over the tasks.", ""]
     for backbone in args.backbones:
         lines += [f"### tiny {backbone}: learning rate on val200", "",
                   "| method | lr | " + " | ".join(args.tasks) + " | mean |", "|---|---:|" + "---:|" * (len(args.tasks) + 1)]
         for method in methods:
             means = {lr: statistics.mean(summaries[(backbone, t, method, lr)]["final_top1"] for t in args.tasks)
                      for lr in LR_GRID[method]}
-            best = max(means, key=means.get)
+            best = chosen_lr(means)
             for lr in LR_GRID[method]:
                 cells = [f"{summaries[(backbone, t, method, lr)]['final_top1']:.1f}" for t in args.tasks]
                 mark = "**" if lr == best else ""

@@ -64,3 +64,19 @@ def test_verdicts_name_what_misses(bench):
     assert "**missed** (sara on counting)" in missed[0]
     assert "**missed** on digits (80.0 vs 89.0 ± 1.4)" in missed[1]
     assert "(lora, 84.8)" in missed[2] and "**missed** (gap +5.2)" in missed[2]
+
+
+def test_learning_rate_choice_prefers_the_smaller_of_near_ties(bench):
+    assert bench.chosen_lr({0.003: 73.0, 0.01: 75.2, 0.03: 75.5, 0.1: 17.2}) == 0.01
+    assert bench.chosen_lr({0.01: 46.0, 0.1: 51.8, 0.3: 52.5, 1.0: 51.2}) == 0.1
+    assert bench.chosen_lr({0.001: 58.8, 0.003: 69.2, 0.01: 52.2}) == 0.003
+
+
+def test_a_run_from_an_older_recipe_is_not_reused(bench, tmp_path):
+    overrides = ["data.task=digits", "train.seed=1", f"output={tmp_path}"]
+    recipe = bench.recipe_for("lora", "vit", overrides)
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    assert bench._same_recipe(tmp_path / "recipe.json", "lora", "vit", overrides)
+    recipe["train"]["lr"] = recipe["train"]["lr"] * 3
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    assert not bench._same_recipe(tmp_path / "recipe.json", "lora", "vit", overrides)
