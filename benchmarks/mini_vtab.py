@@ -70,7 +70,7 @@ def _same_recipe(recipe_file: Path, method: str, backbone: str, overrides: list[
     return json.loads(recipe_file.read_text()) == current
 
 
-def run_jobs(jobs: dict, workers: int, desc: str) -> dict:
+def run_jobs(jobs: dict, workers: int, desc: str, train: bool = True) -> dict:
     """Train every job ``{key: (method, backbone, overrides, output)}``; {key: summary}.
 
     A job whose ``output/summary.json`` exists is read, not re-run, unless its ``recipe.json`` differs
@@ -91,6 +91,8 @@ def run_jobs(jobs: dict, workers: int, desc: str) -> dict:
             summaries[key] = json.loads(summary_file.read_text())
         else:
             todo[key] = job
+    if not train:
+        return summaries
     progress = tqdm(total=len(jobs), initial=len(summaries), desc=desc, unit="run")
     if workers <= 1 or len(todo) <= 1:
         for key, job in todo.items():
@@ -123,10 +125,19 @@ def run_accuracy(args) -> dict:
         overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", *_epochs(args)]
         jobs[(backbone, task, method, seed)] = (method, backbone, overrides,
                                                 Path(args.runs) / backbone / task / method / f"seed{seed}")
-    summaries = run_jobs(jobs, args.workers, "mini VTAB runs")
+    summaries = run_jobs(jobs, args.workers, "mini VTAB runs", train=not args.finished_only)
+    if args.finished_only:  # report only the backbones whose every run has finished
+        for backbone in list(args.backbones):
+            done = sum(key[0] == backbone for key in summaries)
+            expected = sum(key[0] == backbone for key in jobs)
+            if done < expected:
+                print(f"tiny {backbone}: {done} of {expected} runs finished; left out of the report")
+                args.backbones.remove(backbone)
     top1: dict = {}
     trainable: dict = {}
     for (backbone, task, method, seed) in jobs:  # insertion order: seeds in order, first task first
+        if backbone not in args.backbones:
+            continue
         summary = summaries[(backbone, task, method, seed)]
         top1.setdefault((backbone, task, method), []).append(summary["final_top1"])
         trainable.setdefault((backbone, method), summary["trainable_parameters"])
@@ -323,6 +334,8 @@ def main() -> None:
     parser.add_argument("--tune-lr", action="store_true",
                         help="instead of the benchmark: each method's LR_GRID on train800 -> val200, seed 0")
     parser.add_argument("--workers", type=int, default=1, help="training runs in parallel, sharing the threads")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: report the backbones whose runs have all finished")
     parser.add_argument("--data", default="runs/mini_vtab")
     parser.add_argument("--runs", default="runs/mini_vtab_bench")
     parser.add_argument("--out", default=None, help="write the markdown report here (and a .png chart beside it)")
@@ -335,6 +348,8 @@ def main() -> None:
             Path(args.out).write_text(f"## Mini VTAB-1k learning rates: `python benchmarks/mini_vtab.py --tune-lr`\n\n{report}\n")
         return
     accuracy = run_accuracy(args)
+    if not args.backbones:
+        return
     cost = {} if args.skip_cost else run_cost(args)
     report = render(args, accuracy, cost)
     print(report)

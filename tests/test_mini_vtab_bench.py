@@ -80,3 +80,15 @@ def test_a_run_from_an_older_recipe_is_not_reused(bench, tmp_path):
     recipe["train"]["lr"] = recipe["train"]["lr"] * 3
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     assert not bench._same_recipe(tmp_path / "recipe.json", "lora", "vit", overrides)
+
+
+def test_finished_only_reports_complete_backbones_and_trains_nothing(bench, tmp_path, monkeypatch):
+    import visionpeft.data.mini_vtab as mini_vtab
+
+    monkeypatch.setattr(mini_vtab, "write_mini_vtab", lambda root, tasks: None)
+    _finished(tmp_path / "vit" / "digits" / "linear" / "seed0", 70.0, trainable=1290)
+    args = Namespace(backbones=["vit", "convnet"], tasks=["digits"], methods=["linear"], seeds=[0], epochs=None,
+                     data=str(tmp_path / "data"), runs=str(tmp_path), workers=1, finished_only=True)
+    accuracy = bench.run_accuracy(args)
+    assert args.backbones == ["vit"]
+    assert accuracy == {"top1": {("vit", "digits", "linear"): [70.0]}, "trainable": {("vit", "linear"): 1290}}
