@@ -120,8 +120,9 @@ def run_accuracy(args) -> dict:
 
     write_mini_vtab(args.data, args.tasks)
     jobs = {}
-    for backbone, task, method, seed in ((b, t, m, s) for b in args.backbones for t in args.tasks
-                                         for m in args.methods for s in args.seeds):
+    # seed-major: an interrupted grid leaves whole seeds of the table, not whole tasks
+    for backbone, task, method, seed in ((b, t, m, s) for b in args.backbones for s in args.seeds
+                                         for t in args.tasks for m in args.methods):
         overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", *_epochs(args)]
         jobs[(backbone, task, method, seed)] = (method, backbone, overrides,
                                                 Path(args.runs) / backbone / task / method / f"seed{seed}")
