@@ -280,7 +280,7 @@ def verdicts(args, top1: dict, backbone: str) -> list[str]:
             ours, _ = _mean_std(top1[(backbone, task, "lora")])
             theirs, std = _mean_std(top1[(backbone, task, "peft-lora")])
             if abs(ours - theirs) > std:
-                outside.append(f"{task} ({ours:.1f} vs {theirs:.1f} ± {std:.1f})")
+                outside.append(f"{task} ({ours:.1f} vs {theirs:.1f} ± {std:.1f}, ours {'ahead' if ours > theirs else 'behind'})")
         out.append(f"- our LoRA within one std of PEFT's LoRA: {'**met**' if not outside else '**missed** on ' + ', '.join(outside)}")
     if "full" in args.methods:
         average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in args.methods}

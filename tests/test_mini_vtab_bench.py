@@ -62,7 +62,7 @@ def test_verdicts_name_what_misses(bench):
     top1[("vit", "digits", "lora")] = [80.0, 80.0]
     missed = bench.verdicts(args, top1, "vit")
     assert "**missed** (sara on counting)" in missed[0]
-    assert "**missed** on digits (80.0 vs 89.0 ± 1.4)" in missed[1]
+    assert "**missed** on digits (80.0 vs 89.0 ± 1.4, ours behind)" in missed[1]
     assert "(lora, 84.8)" in missed[2] and "**missed** (gap +5.2)" in missed[2]
 
 
