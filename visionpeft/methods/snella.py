@@ -51,9 +51,9 @@ the gradient of ΔW). ``"weight"`` runs the op with W + ΔW (ΔW checkpointed): 
 keeps the factors, not W + ΔW, for backward (``layers.kinds.rebuilt_on_backward`` rebuilds it there, a
 second rebuild of the kernel). Matmuls dominate either way (the kernel, its top-k and their rebuild are
 ~20% of the layer's time). On ViT-S/16 (``benchmarks/snella.py``) the weight path steps 1.25x faster and
-sits ~100 MB (of +270) higher above the floor on CPU; rebuilding W + ΔW took 64 MB off that. Measured on one ViT-S block (8 × 197 tokens; q, k, v, proj,
-fc1, fc2 adapted at r = 8, density 0.3), forward + backward on one CPU thread: frozen 0.64 s, LoRA 0.78 s,
-weight path 1.23 s, activation path 1.50 s; ``benchmarks/snella.py`` measures a whole training step.
+sits ~100 MB (of +270) higher above the floor on CPU; rebuilding W + ΔW took 64 MB off that. On one ViT-S
+block (8 × 197 tokens; q, k, v, proj, fc1, fc2 adapted at r = 8, density 0.3), forward + backward on one
+CPU thread: frozen 0.64 s, LoRA 0.78 s, weight path 1.23 s, activation path 1.50 s.
 Grouped convs (unless dropout is on), MultiheadAttention, fused q/k/v blocks (which the adapted layer
 always runs as W + ΔW) and generic modules always use the weight path.
 """
