@@ -341,24 +341,28 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/mini_vtab_bench")
     parser.add_argument("--out", default=None, help="write the markdown report here (and a .png chart beside it)")
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1 (got {args.workers})")
     if args.tune_lr:
-        report = tune_lr(args)
-        print(report)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(f"## Mini VTAB-1k learning rates: `python benchmarks/mini_vtab.py --tune-lr`\n\n{report}\n")
+        write_report(args.out, "Mini VTAB-1k learning rates: `python benchmarks/mini_vtab.py --tune-lr`", tune_lr(args))
         return
     accuracy = run_accuracy(args)
     if not args.backbones:
         return
     cost = {} if args.skip_cost else run_cost(args)
-    report = render(args, accuracy, cost)
-    print(report)
+    write_report(args.out, "Mini VTAB-1k: `python benchmarks/mini_vtab.py`", render(args, accuracy, cost))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"## Mini VTAB-1k: `python benchmarks/mini_vtab.py`\n\n{report}\n")
-        plot(args, accuracy, out.with_suffix(".png"))
+        plot(args, accuracy, Path(args.out).with_suffix(".png"))
+
+
+def write_report(out: str | None, heading: str, report: str) -> None:
+    """Print ``report``; with ``out``, also write it there (atomically) under ``heading``."""
+    from visionpeft.io import atomic_write
+
+    print(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(f"## {heading}\n\n{report}\n"))
 
 
 if __name__ == "__main__":
