@@ -1,14 +1,15 @@
 """FLoRA against the anchors' conv adapters: training-step time and peak memory on conv models.
 
-Workloads: timm ResNet-50 and ConvNeXt-T (224 px, batch 8) and a UNet with SD-1.5's block structure
-(``visionpeft.models.configs.sd15_like_unet``, batch 2, 32×32 latents). Every adapter targets the family
+Workloads: timm ResNet-50 and ConvNeXt-T (224 px, batch 8), a UNet with SD-1.5's block structure at CPU
+width (``visionpeft.models.configs.sd15_like_unet``, 35M parameters, batch 2, 32×32 latents), and SD-1.5's
+UNet at its real width (860M parameters, batch 1, 16×16 latents). Every adapter targets the family
 preset's layers (every conv / linear of the repeated blocks), at roughly matched parameter counts:
 FLoRA rank 8 (spatial rank 2), HF PEFT LoRA rank 5, LyCORIS LoCon with Tucker (``use_tucker``) rank 8.
 The frozen floor trains only a stem norm (or the UNet's conv_in bias) and the head, so activation
 gradients flow through every block and no block weight gets a gradient. ``flora-weight`` forces the
 W + ΔW path, to compare with the default (branch on activations).
 
-    python benchmarks/flora.py [--workloads resnet50 convnext_t unet] [--device cuda] [--out FILE]
+    python benchmarks/flora.py [--workloads resnet50 convnext_t unet sd15_unet] [--device cuda] [--out FILE]
     python benchmarks/flora.py --contraction      # ΔW by torch.einsum vs tensorly multi_mode_dot
 """
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main, median_ms  # noqa: E402
-from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch  # noqa: E402
+from workloads import (  # noqa: E402
+    classification_loss, image_batch, noise_loss, sd15_unet, sd15_unet_batch, sd_unet, unet_batch,
+)
 
 FLORA_RANK, LORA_RANK, LYCORIS_RANK = 8, 5, 8
 
@@ -45,6 +48,8 @@ WORKLOADS = {
     "unet": Workload("Conv adapters on an SD-1.5-structured UNet (35M params), 32×32 latents, batch 2", sd_unet,
                      unet_batch, noise_loss,
                      floor_params=lambda m: [m.conv_in.bias]),
+    "sd15_unet": Workload("Conv adapters on SD-1.5's UNet at full width (860M params), 16×16 latents, batch 1",
+                          sd15_unet, sd15_unet_batch, noise_loss, floor_params=lambda m: [m.conv_in.bias]),
 }
 
 

@@ -37,18 +37,29 @@ BATCH = 32
 
 
 def recipe_for(method: str, backbone: str, overrides: list[str] = ()) -> dict:
+    """The method's recipe on ``backbone``, at that backbone's tuned rate (``BACKBONE_LR``), then ``overrides``."""
     from visionpeft.training import load_recipe
 
-    return load_recipe(RECIPES / f"{method}.yaml", [f"model.name=visionpeft/tiny_{backbone}", *overrides])
+    lr = BACKBONE_LR.get(backbone, {}).get("lora" if method == "peft-lora" else method)
+    backbone_lr = [f"train.lr={lr}"] if lr is not None else []
+    return load_recipe(RECIPES / f"{method}.yaml", [f"model.name=visionpeft/tiny_{backbone}", *backbone_lr, *overrides])
 
 
 # --- accuracy -------------------------------------------------------------------------------------
-# Learning rates tried per method on train800 -> val200 (seed 0) by ``--tune-lr``; PEFT's LoRA takes
-# LoRA's, so the two differ only in implementation.
-# (grids reach one step past each method's best, so no best sits on an edge).
-LR_GRID = {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
-           "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
-           "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1], "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}
+# Learning rates tried per backbone and method on train800 -> val200 (seed 0) by ``--tune-lr``; PEFT's
+# LoRA takes LoRA's, so the two differ only in implementation. The grids reach one step past each
+# method's best, so no best sits on an edge.
+LR_GRID = {
+    "vit": {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
+            "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
+            "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1],
+            "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]},
+    "convnet": {"linear": [3e-2, 1e-1, 3e-1], "full": [3e-4, 1e-3, 3e-3],
+                "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
+                "snella": [3e-3, 1e-2, 3e-2], "sara": [1e-2, 3e-2, 1e-1], "svd": [3e-2, 1e-1, 3e-1]},
+}
+# The recipes' rates are the tiny ViT's choices; a backbone's choices that differ are applied here.
+BACKBONE_LR: dict[str, dict[str, float]] = {"convnet": {}}
 
 
 LR_TIE = 1.0
@@ -160,7 +171,7 @@ def tune_lr(args) -> str:
     methods = [m for m in args.methods if m != "peft-lora"]
     jobs = {}
     for backbone, task, method in ((b, t, m) for b in args.backbones for t in args.tasks for m in methods):
-        for lr in LR_GRID[method]:
+        for lr in LR_GRID[backbone][method]:
             overrides = [f"data.root={args.data}", f"data.task={task}", "data.train_split=train800",
                          "data.eval_split=val200", "train.seed=0", f"train.lr={lr}", *_epochs(args)]
             jobs[(backbone, task, method, lr)] = (method, backbone, overrides,
@@ -173,9 +184,9 @@ def tune_lr(args) -> str:
                   "| method | lr | " + " | ".join(args.tasks) + " | mean |", "|---|---:|" + "---:|" * (len(args.tasks) + 1)]
         for method in methods:
             means = {lr: statistics.mean(summaries[(backbone, t, method, lr)]["final_top1"] for t in args.tasks)
-                     for lr in LR_GRID[method]}
+                     for lr in LR_GRID[backbone][method]}
             best = chosen_lr(means)
-            for lr in LR_GRID[method]:
+            for lr in LR_GRID[backbone][method]:
                 cells = [f"{summaries[(backbone, t, method, lr)]['final_top1']:.1f}" for t in args.tasks]
                 mark = "**" if lr == best else ""
                 lines.append(f"| {method} | {mark}{lr:g}{mark} | " + " | ".join(cells) + f" | {mark}{means[lr]:.1f}{mark} |")

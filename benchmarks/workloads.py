@@ -38,6 +38,21 @@ def sd_unet():
     return sd15_like_unet()[0]
 
 
+def sd15_unet():
+    """SD-1.5's UNet at its real width (860M parameters: channels 320-1280, cross-attention width 768)."""
+    from visionpeft.models.configs import sd15_like_unet
+
+    return sd15_like_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=16)[0]
+
+
+def sd15_unet_batch(device):
+    """One 16×16 latent (a 128 px image), the size a 2-core CPU steps in seconds; SD-1.5 trains at 64×64."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor([500]),
+              "encoder_hidden_states": torch.randn(1, 77, 768, generator=g)}
+    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(1, 4, 16, 16, generator=g).to(device)
+
+
 def unet_batch(device):
     g = torch.Generator().manual_seed(0)
     inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),

@@ -92,3 +92,15 @@ def test_finished_only_reports_complete_backbones_and_trains_nothing(bench, tmp_
     accuracy = bench.run_accuracy(args)
     assert args.backbones == ["vit"]
     assert accuracy == {"top1": {("vit", "digits", "linear"): [70.0]}, "trainable": {("vit", "linear"): 1290}}
+
+
+def test_a_backbones_tuned_rate_replaces_the_recipes_and_overrides_still_win(bench, monkeypatch):
+    monkeypatch.setattr(bench, "BACKBONE_LR", {"convnet": {"lora": 0.03}})
+    recipe_lr = bench.recipe_for("lora", "vit")["train"]["lr"]
+    assert bench.recipe_for("lora", "convnet")["train"]["lr"] == 0.03 != recipe_lr
+    assert bench.recipe_for("peft-lora", "convnet")["train"]["lr"] == 0.03  # PEFT's LoRA takes LoRA's rate
+    assert bench.recipe_for("flora", "convnet")["train"]["lr"] == bench.recipe_for("flora", "vit")["train"]["lr"]
+    assert bench.recipe_for("lora", "convnet", ["train.lr=0.5"])["train"]["lr"] == 0.5
+    assert set(bench.LR_GRID) == set(bench.BACKBONES)
+    for grid in bench.LR_GRID.values():
+        assert set(grid) == set(bench.METHODS) - {"peft-lora"}
