@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main  # noqa: E402
 from workloads import noise_loss  # noqa: E402
+from workloads import unet_batch as latent_batch  # noqa: E402
 
 UNET_ENV = "VISIONPEFT_BENCH_UNET"  # children inherit the choice through the environment
 UNETS = {
@@ -52,11 +53,7 @@ def build_unet():
 
 def unet_batch(device):
     config = build_unet_config()
-    g = torch.Generator().manual_seed(0)
-    size, width = config.sample_size, config.cross_attention_dim
-    inputs = {"sample": torch.randn(2, 4, size, size, generator=g), "timestep": torch.tensor([10, 500]),
-              "encoder_hidden_states": torch.randn(2, 77, width, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, size, size, generator=g).to(device)
+    return latent_batch(device, size=config.sample_size, text_width=config.cross_attention_dim)
 
 
 def build_unet_config():

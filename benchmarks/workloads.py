@@ -31,33 +31,31 @@ def classification_loss(model, inputs, target):
     return _regularized(F.cross_entropy(model(inputs), target), model)
 
 
-def sd_unet():
-    """``visionpeft.models.configs.sd15_like_unet``: SD-1.5's block structure at CPU size (35M parameters)."""
+def sd_unet(**kw):
+    """``visionpeft.models.configs.sd15_like_unet``: SD-1.5's block structure, at CPU size by default (35M
+    parameters); ``kw`` overrides the config."""
     from visionpeft.models.configs import sd15_like_unet
 
-    return sd15_like_unet()[0]
+    return sd15_like_unet(**kw)[0]
 
 
 def sd15_unet():
     """SD-1.5's UNet at its real width (860M parameters: channels 320-1280, cross-attention width 768)."""
-    from visionpeft.models.configs import sd15_like_unet
+    return sd_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=16)
 
-    return sd15_like_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=16)[0]
+
+def unet_batch(device, size: int = 32, text_width: int = 256, timesteps: tuple[int, ...] = (10, 500)):
+    """Noisy latents (one per timestep), 77 text tokens and the noise target; fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    batch = len(timesteps)
+    inputs = {"sample": torch.randn(batch, 4, size, size, generator=g), "timestep": torch.tensor(timesteps),
+              "encoder_hidden_states": torch.randn(batch, 77, text_width, generator=g)}
+    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(batch, 4, size, size, generator=g).to(device)
 
 
 def sd15_unet_batch(device):
     """One 16×16 latent (a 128 px image), the size a 2-core CPU steps in seconds; SD-1.5 trains at 64×64."""
-    g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor([500]),
-              "encoder_hidden_states": torch.randn(1, 77, 768, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(1, 4, 16, 16, generator=g).to(device)
-
-
-def unet_batch(device):
-    g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=g), "timestep": torch.tensor([10, 500]),
-              "encoder_hidden_states": torch.randn(2, 77, 256, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}, torch.randn(2, 4, 32, 32, generator=g).to(device)
+    return unet_batch(device, size=16, text_width=768, timesteps=(500,))
 
 
 def noise_loss(model, inputs, target):
