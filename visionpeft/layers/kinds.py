@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionpeft.layers import depthwise
+
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +62,8 @@ class Slot:
             return F.linear(x, weight, bias)
         if self.op != "conv":
             raise TypeError(f"slot {self.label!r} has no functional op of its own")
-        conv = _CONV_FUNCTIONS[len(self.shape) - 2]
-        groups = self.groups if groups is None else groups
-        if self.padding_mode != "zeros":
-            padded = F.pad(x, self.reversed_padding, mode=self.padding_mode)
-            return conv(padded, weight, bias, self.stride, 0, self.dilation, groups)
-        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        return convolve(x, weight, bias, self.stride, self.padding, self.dilation,
+                        self.groups if groups is None else groups, self.padding_mode, self.reversed_padding)
 
     def pointwise(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Map channels with a 1×1 op: ``weight`` is (out, rank) for linear, (out, rank, 1, ...) for conv."""
@@ -74,6 +73,14 @@ class Slot:
 
     def block_split(self) -> tuple[int, ...]:
         return self.blocks or (self.shape[0],)
+
+
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+             groups: int, padding_mode: str, reversed_padding: tuple[int, ...]) -> torch.Tensor:
+    """What ``nn.Conv{1,2,3}d._conv_forward`` computes, with the faster depthwise weight gradient."""
+    if padding_mode != "zeros":
+        x, padding = F.pad(x, reversed_padding, mode=padding_mode), 0
+    return depthwise.conv(x, weight, bias, stride, padding, dilation, groups)
 
 
 @contextlib.contextmanager
@@ -224,16 +231,22 @@ class ConvKind(LayerKind):
 
     def slot(self, module, slot, qualified_name=""):
         w = module.weight
+        # a subclass with its own forward (timm's Conv2dSame pads per input) is only run through that forward
+        own_class = getattr(module, "_vp_base_class", type(module))  # an adapted module's original class
+        op = "conv" if own_class.forward in _STOCK_CONV_FORWARDS else "other"
         return Slot(
-            label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="conv",
+            label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op=op,
             stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
             dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
             reversed_padding=tuple(module._reversed_padding_repeated_twice),
         )
 
     def run(self, module, base_forward, args, kwargs, weights):
+        if base_forward not in _STOCK_CONV_FORWARDS:  # a subclass's own forward (e.g. dynamic "same" padding)
+            return super().run(module, base_forward, args, kwargs, weights)
         with rebuilt_on_backward(weights.values()):
-            return module._conv_forward(args[0], weights["weight"], module.bias)
+            return convolve(args[0], weights["weight"], module.bias, module.stride, module.padding, module.dilation,
+                            module.groups, module.padding_mode, module._reversed_padding_repeated_twice)
 
 
 class TransposedLinearKind(LayerKind):
