@@ -237,6 +237,22 @@ def test_atomic_save_leaves_previous_adapter_when_interrupted(net, tmp_path, mon
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
 
+def test_saved_files_get_the_umasks_mode_and_a_rewrite_keeps_a_chosen_mode(net, tmp_path):
+    import os
+    import stat
+
+    old_mask = os.umask(0o022)
+    try:
+        directory = _saved(net, tmp_path / "a")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert modes and set(modes.values()) == {0o644}, modes  # not mkstemp's private 0600
+        (directory / "adapter.json").chmod(0o640)
+        vp.save(net, directory)
+        assert stat.S_IMODE((directory / "adapter.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old_mask)
+
+
 def test_detach_restores_original_model(net):
     original = copy.deepcopy(net)
     net.head.weight.requires_grad_(False)
