@@ -11,7 +11,7 @@ from visionpeft.models import build
 
 EXPECTED = {
     "timm_vit": {"blocks.N.attn.qkv", "blocks.N.attn.proj", "blocks.N.mlp.fc1", "blocks.N.mlp.fc2"},
-    "timm_convnext": {"stages.N.blocks.N.conv_dw", "stages.N.blocks.N.mlp.fc1", "stages.N.blocks.N.mlp.fc2"},
+    "timm_convnext": {"stages.N.blocks.N.conv_dw", "stages.N.blocks.N.mlp.fc1", "stages.N.blocks.N.mlp.fc2", "stages.N.downsample.N"},
     "timm_resnet": {f"layer{i}.N.conv{j}" for i in range(1, 5) for j in (1, 2)} | {f"layer{i}.N.downsample.N" for i in (2, 3, 4)},
     "open_clip": {f"{tower}transformer.resblocks.N.{leaf}" for tower in ("", "visual.") for leaf in ("attn", "mlp.c_fc", "mlp.c_proj")},
     "transformers_clip": {f"{tower}_model.encoder.layers.N.{leaf}" for tower in ("text", "vision")

@@ -63,6 +63,9 @@ def test_verdicts_name_what_misses(bench):
     missed = bench.verdicts(args, top1, "vit")
     assert "**missed** (sara on counting)" in missed[0]
     assert "**missed** on digits (80.0 vs 89.0 ± 1.4, ours behind)" in missed[1]
+    top1[("vit", "digits", "lora")] = [95.0, 95.0]  # ahead of the peer is no miss, and it is said
+    ahead = bench.verdicts(args, top1, "vit")[1]
+    assert "**met**; more than one std ahead on digits (95.0 vs 89.0 ± 1.4, ours ahead)" in ahead, ahead
     assert "(lora, 84.8)" in missed[2] and "**missed** (gap +5.2)" in missed[2]
 
 
@@ -104,3 +107,19 @@ def test_a_backbones_tuned_rate_replaces_the_recipes_and_overrides_still_win(ben
     assert set(bench.LR_GRID) == set(bench.BACKBONES)
     for grid in bench.LR_GRID.values():
         assert set(grid) == set(bench.METHODS) - {"peft-lora"}
+
+
+def test_the_convnets_adapters_also_get_its_stem_and_the_baselines_are_untouched(bench):
+    from visionpeft.models import tiny
+    from visionpeft.targeting import resolve_targets
+
+    model = tiny("convnet", pretrained=False)
+    preset = {t.name for t in resolve_targets(model, None)}
+    for method in ("lora", "peft-lora", "flora", "snella", "sara", "svd"):
+        targets = bench.recipe_for(method, "convnet")["adapter"]["targets"]
+        assert {t.name for t in resolve_targets(model, targets)} == preset | {"stem.0"}, method
+        assert bench.recipe_for(method, "vit")["adapter"]["targets"] is None  # the ViT keeps its preset
+    assert {"stages.1.downsample.1", "stages.1.blocks.0.conv_dw"} <= preset and "stem.0" not in preset
+    for method in ("linear", "full"):
+        assert bench.recipe_for(method, "convnet")["adapter"]["targets"] is None
+    assert bench.recipe_for("lora", "convnet", ["adapter.targets=head"])["adapter"]["targets"] == "head"  # overrides win

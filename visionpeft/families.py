@@ -1,5 +1,7 @@
 """Model families and their default targets: every adaptable weight inside the repeated blocks
 (transformer blocks, UNet down/mid/up blocks, decoder layers), never heads, embeddings or norms.
+A stage's stride-2 convs belong to it (a ResNet's downsample, a ConvNeXt's stage entry, a UNet's
+downsamplers); the stem that turns pixels into the first feature map is an embedding and stays out.
 
 A family is recognised from the model's class and the module names it holds, never from weights.
 """
@@ -47,7 +49,7 @@ def _has(package: str, pattern: str) -> Callable[[nn.Module, set[str]], bool]:
 FAMILIES: tuple[Family, ...] = (
     Family("timm VisionTransformer", _from("timm", "VisionTransformer", "Eva", "VisionTransformerDistilled"),
            r"blocks\.\d+\..+"),
-    Family("timm ConvNeXt", _from("timm", "ConvNeXt"), r"stages\.\d+\.blocks\.\d+\..+"),
+    Family("timm ConvNeXt", _from("timm", "ConvNeXt"), r"stages\.\d+\.(blocks\.\d+|downsample)\..+"),
     Family("timm ResNet", _from("timm", "ResNet"), r"layer\d+\.\d+\..+"),
     Family("open_clip CLIP", _from("open_clip", "CLIP", "CustomTextCLIP"),
            r"(visual\.)?transformer\.resblocks\.\d+\..+|text\.transformer\.resblocks\.\d+\..+"),
