@@ -2,7 +2,8 @@
 and peak memory.
 
 Workloads: a UNet with SD-1.5's block structure (``visionpeft.models.configs.sd15_like_unet``, batch 2,
-32×32 latents, MSE on the noise) and timm ViT-S/16 (224 px, batch 8, head trained by every
+32×32 latents, MSE on the noise), the same UNet at SD-1.5's real width (860M parameters, 16×16 latents,
+batch 1: where weights, not activations, dominate full fine-tuning's memory) and timm ViT-S/16 (224 px, batch 8, head trained by every
 configuration). The loss of every configuration includes ``vp.regularization(model)`` (SaRA's rank
 penalty on one random layer; zero for the others). Configurations:
 
@@ -18,7 +19,7 @@ penalty on one random layer; zero for the others). Configurations:
 The targets in the issue: memory overhead above the floor ≤ 0.3× full's and ≤ 0.5× masked's; step time
 ≤ 1.2× LoRA's.
 
-    python benchmarks/sara.py [--workloads unet vit_s16] [--device cuda] [--out FILE]
+    python benchmarks/sara.py [--workloads unet sd15_unet vit_s16] [--device cuda] [--out FILE]
     python benchmarks/sara.py --backprop    # one linear layer: weight path vs sparse path (fwd + bwd)
 """
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main, median_ms  # noqa: E402
-from workloads import classification_loss, image_batch, noise_loss, sd_unet, unet_batch, vit_s16  # noqa: E402
+from workloads import (  # noqa: E402
+    classification_loss, image_batch, noise_loss, sd15_unet, sd15_unet_batch, sd_unet, unet_batch, vit_s16,
+)
 
 LORA_RANK = 8
 
@@ -38,6 +41,8 @@ LORA_RANK = 8
 WORKLOADS = {
     "unet": Workload("SaRA on an SD-1.5-structured UNet, 32×32 latents, batch 2", sd_unet, unet_batch, noise_loss,
                      floor_params=lambda m: [m.conv_in.bias]),
+    "sd15_unet": Workload("SaRA on SD-1.5's UNet at full width (860M params), 16×16 latents, batch 1", sd15_unet,
+                          sd15_unet_batch, noise_loss, floor_params=lambda m: [m.conv_in.bias]),
     "vit_s16": Workload("SaRA on timm ViT-S/16, 224 px, batch 8", vit_s16, image_batch, classification_loss,
                         floor_params=lambda m: [m.pos_embed], head=("head",)),
 }
