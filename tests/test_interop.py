@@ -49,8 +49,10 @@ def perturbed_lora(pipeline, text_encoder=True):
 
 
 def assert_close(got, want):
+    # outputs are O(1); merged weights and an adapter's own path differ by float32 round-off accumulated over
+    # ~30 strongly perturbed layers (up to 1.6e-5 seen), far below the 1e-3 that ``assert_differs`` demands
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=5e-5)
 
 
 def assert_differs(got, want):
