@@ -4,7 +4,7 @@ On CPU, PyTorch's weight gradient of a depthwise conv (one input channel per gro
 forward (ConvNeXt-T's 7×7 layers at batch 8: 94 ms against 14 ms for the first stage). That gradient
 is a correlation of each input plane with its output-gradient plane, which is a depthwise convolution
 in its own right: fold the batch into the channels, use the gradient planes as (large) kernels, swap
-stride and dilation, and sum over the batch. oneDNN runs it at 1.4-3.5× the forward: 4.9-10.4× faster
+stride and dilation, and sum over the batch. oneDNN runs it at 1.4-3.6× the forward: 4.9-10.4× faster
 than aten on NCHW inputs, 1.3-2.1× on channels-last ones (``benchmarks/flora.py --depthwise``).
 Adapters that train a depthwise kernel (W + ΔW, or ΔW alone) take this path; every other conv, and any
 conv on another device or under autocast, is plain ``F.conv{1,2,3}d``. Like a rebuilt weight, the path
