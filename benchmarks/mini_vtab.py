@@ -37,15 +37,12 @@ BATCH = 32
 
 
 def recipe_for(method: str, backbone: str, overrides: list[str] = ()) -> dict:
-    """The method's recipe on ``backbone``, at that backbone's tuned rate (``BACKBONE_LR``), then ``overrides``."""
+    """The method's recipe on ``backbone`` with that backbone's own choices
+    (``visionpeft.data.mini_vtab.backbone_overrides``), then ``overrides``."""
+    from visionpeft.data.mini_vtab import backbone_overrides
     from visionpeft.training import load_recipe
 
-    lr = BACKBONE_LR.get(backbone, {}).get("lora" if method == "peft-lora" else method)
-    backbone_lr = [f"train.lr={lr}"] if lr is not None else []
-    targets = BACKBONE_TARGETS.get(backbone) if method not in ("linear", "full") else None
-    backbone_targets = [f"adapter.targets={targets}"] if targets is not None else []
-    return load_recipe(RECIPES / f"{method}.yaml",
-                       [f"model.name=visionpeft/tiny_{backbone}", *backbone_lr, *backbone_targets, *overrides])
+    return load_recipe(RECIPES / f"{method}.yaml", [*backbone_overrides(method, backbone), *overrides])
 
 
 # --- accuracy -------------------------------------------------------------------------------------
@@ -61,19 +58,6 @@ LR_GRID = {
                 "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
                 "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [1e-2, 3e-2, 1e-1, 3e-1], "svd": [3e-2, 1e-1, 3e-1, 1.0]},
 }
-# The recipes' rates are the tiny ViT's choices; a backbone's choices that differ are applied here
-# (``results/mini_vtab_lr_convnet_cpu.md``; linear 0.1 and lora 1e-2 are the ViT's too).
-BACKBONE_LR: dict[str, dict[str, float]] = {
-    "convnet": {"full": 3e-3, "flora": 1e-2, "snella": 3e-2, "sara": 0.1, "svd": 0.3},
-}
-
-# Layers every adapter gets beyond the family preset. The ConvNeXt's 2x2 stride-2 stem (1.5k weights) is
-# its patch embedding, which presets leave out; on the mini tasks it decides the spatial ones (train800 ->
-# val200, seed 0, LoRA r4: location 84.5 -> 90.0 with it, full fine-tuning 89.5).
-BACKBONE_TARGETS: dict[str, str] = {
-    "convnet": r"stem\.0|stages\.\d+\.(blocks\.\d+|downsample)\..+",
-}
-
 LR_TIE = 1.0
 
 

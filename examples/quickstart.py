@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import visionpeft as vp
-from visionpeft.data.mini_vtab import MINI_TASKS, write_task
+from visionpeft.data.mini_vtab import MINI_TASKS, backbone_overrides, write_task
 from visionpeft.methods.base import get_method
 from visionpeft.models.tiny import CONFIGS
 from visionpeft.training import evaluate_adapter, load_recipe, train
@@ -25,7 +25,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "mini_vtab"
 
 
 def run(method: str, args: argparse.Namespace) -> tuple[dict, dict]:
-    overrides = [f"model.name=visionpeft/tiny_{args.backbone}", f"data.root={args.data}", f"data.task={args.task}",
+    overrides = [*backbone_overrides(method, args.backbone), f"data.root={args.data}", f"data.task={args.task}",
                  f"output={Path(args.output) / method}", "train.eval_interval=1"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")

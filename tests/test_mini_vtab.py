@@ -153,3 +153,25 @@ def test_peft_lora_options_are_validated(tmp_path):
         from visionpeft.training.runner import build_model
 
         build_model(load_recipe(path, ["model.kwargs={depth: 2}"]), 10)
+
+
+def test_the_quickstart_trains_a_backbone_with_that_backbones_own_choices(monkeypatch, tmp_path):
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from visionpeft.data.mini_vtab import BACKBONE_LR, BACKBONE_TARGETS
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    spec = importlib.util.spec_from_file_location("quickstart", path)
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    monkeypatch.setattr(quickstart, "train", lambda recipe: {})
+    args = argparse.Namespace(backbone="convnet", data=str(tmp_path), task="digits", output=str(tmp_path), epochs=None)
+    recipe, _ = quickstart.run("flora", args)
+    assert recipe["model"]["name"] == "visionpeft/tiny_convnet"
+    assert recipe["train"]["lr"] == BACKBONE_LR["convnet"]["flora"]
+    assert recipe["adapter"]["targets"] == BACKBONE_TARGETS["convnet"]
+    args.backbone = "vit"
+    recipe, _ = quickstart.run("flora", args)
+    assert recipe["adapter"]["targets"] is None and recipe["train"]["lr"] != BACKBONE_LR["convnet"]["flora"]

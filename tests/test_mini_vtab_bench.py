@@ -98,7 +98,9 @@ def test_finished_only_reports_complete_backbones_and_trains_nothing(bench, tmp_
 
 
 def test_a_backbones_tuned_rate_replaces_the_recipes_and_overrides_still_win(bench, monkeypatch):
-    monkeypatch.setattr(bench, "BACKBONE_LR", {"convnet": {"lora": 0.03}})
+    import visionpeft.data.mini_vtab as mini_vtab
+
+    monkeypatch.setattr(mini_vtab, "BACKBONE_LR", {"convnet": {"lora": 0.03}})
     recipe_lr = bench.recipe_for("lora", "vit")["train"]["lr"]
     assert bench.recipe_for("lora", "convnet")["train"]["lr"] == 0.03 != recipe_lr
     assert bench.recipe_for("peft-lora", "convnet")["train"]["lr"] == 0.03  # PEFT's LoRA takes LoRA's rate

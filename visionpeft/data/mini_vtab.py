@@ -29,6 +29,32 @@ from visionpeft.data.writers import write_vtab_task
 IMAGE_SIZE = 32
 TRAIN, VALIDATION = 800, 200
 
+# The recipes (``recipes/mini_vtab``) hold the tiny ViT's choices; where a backbone's own choices differ,
+# they are recipe overrides. Learning rates: ``benchmarks/mini_vtab.py --tune-lr`` on train800 -> val200
+# (``benchmarks/results/mini_vtab_lr_convnet_cpu.md``; linear 0.1 and lora 1e-2 are the ViT's too).
+BACKBONE_LR: dict[str, dict[str, float]] = {
+    "convnet": {"full": 3e-3, "flora": 1e-2, "snella": 3e-2, "sara": 0.1, "svd": 0.3},
+}
+# Layers every adapter gets beyond the family preset. The ConvNeXt's 2x2 stride-2 stem (1.5k weights) is
+# its patch embedding, which presets leave out; on the mini tasks it decides the spatial ones (train800 ->
+# val200, seed 0, LoRA r4: location 84.5 -> 90.0 with it, full fine-tuning 89.5).
+BACKBONE_TARGETS: dict[str, str] = {
+    "convnet": r"stem\.0|stages\.\d+\.(blocks\.\d+|downsample)\..+",
+}
+
+
+def backbone_overrides(method: str, backbone: str) -> list[str]:
+    """Recipe overrides that put ``method``'s mini VTAB recipe on the tiny ``backbone``: the model, and that
+    backbone's own learning rate and targets where they differ from the recipe's (PEFT's LoRA takes LoRA's)."""
+    overrides = [f"model.name=visionpeft/tiny_{backbone}"]
+    lr = BACKBONE_LR.get(backbone, {}).get("lora" if method == "peft-lora" else method)
+    if lr is not None:
+        overrides.append(f"train.lr={lr}")
+    targets = BACKBONE_TARGETS.get(backbone)
+    if targets is not None and method not in ("linear", "full"):
+        overrides.append(f"adapter.targets={targets}")
+    return overrides
+
 
 def digits(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(train, test) of scikit-learn's digits as uint8 N×32×32×3 images and labels; a seeded split."""
