@@ -1,5 +1,6 @@
-"""SNELLA: training-step time and peak memory on a timm ViT-S/16 (224 px, batch 8), against LoRA of the same
-rank, dense masked sparse tuning, and the frozen floor; and the effect of the exact zero start.
+"""SNELLA: training-step time and peak memory on a timm ViT-S/16 and ViT-B/16 (the paper's model; 224 px,
+batch 8), against LoRA of the same rank, dense masked sparse tuning, and the frozen floor; and the effect of
+the exact zero start.
 
 Every adapter targets the family preset (q, k, v, proj, fc1, fc2 of every block) with the head trainable.
 
@@ -15,7 +16,7 @@ Every adapter targets the family preset (q, k, v, proj, fc1, fc2 of every block)
 Memory is best read as the overhead above the floor (issue 4's targets: SNELLA's overhead ≤ 0.3× the masked
 baseline's and ≤ 1.2× LoRA's; step time ≤ 1.3× LoRA's).
 
-    python benchmarks/snella.py [--device cuda] [--repeats 3] [--out benchmarks/results/snella_cpu.md]
+    python benchmarks/snella.py [--workloads vit_s16 vit_b16] [--device cuda] [--repeats 3] [--out benchmarks/results/snella_cpu.md]
     python benchmarks/snella.py --init-compare [--steps 150]   # exact zero start vs the reference's start
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, main  # noqa: E402
-from workloads import classification_loss, image_batch, vit_s16  # noqa: E402
+from workloads import classification_loss, image_batch, vit_b16, vit_s16  # noqa: E402
 
 RANK = 8
 DENSITY = 0.3
@@ -40,6 +41,9 @@ PRESET = ("qkv", "proj", "fc1", "fc2")
 
 VIT_S = Workload(f"SNELLA r={RANK} vs LoRA and masked dense tuning (density {DENSITY}), timm ViT-S/16, 224 px, batch 8",
                  vit_s16, image_batch, classification_loss, floor_params=lambda m: [m.pos_embed], head=("head",))
+# the paper's model: weights (and the masked baseline's AdamW state) weigh 4x ViT-S's against 2x the activations
+VIT_B = Workload(f"SNELLA r={RANK} vs LoRA and masked dense tuning (density {DENSITY}), timm ViT-B/16, 224 px, batch 8",
+                 vit_b16, image_batch, classification_loss, floor_params=lambda m: [m.pos_embed], head=("head",))
 
 
 def lora(model, workload):
@@ -164,4 +168,4 @@ if __name__ == "__main__":
         parser.add_argument("--steps", type=int, default=150)
         init_compare(parser.parse_args().steps)
     else:
-        main(CONFIGS, {"vit_s16": VIT_S}, floor="floor", peer="lora-r8")
+        main(CONFIGS, {"vit_s16": VIT_S, "vit_b16": VIT_B}, floor="floor", peer="lora-r8")

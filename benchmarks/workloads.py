@@ -21,6 +21,12 @@ def vit_s16():
     return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
 
 
+def vit_b16():
+    import timm
+
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+
+
 def image_batch(device, batch: int = 8, size: int = 224, classes: int = 10):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(batch, 3, size, size, generator=g).to(device),
