@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import visionpeft as vp
 
@@ -19,6 +20,19 @@ def perturb(model, std=0.1):
             if ".vp_adapters." in f".{name}":
                 param.add_(torch.randn_like(param) * std)
     return model
+
+
+class RecordCalls(TorchDispatchMode):
+    """Inside ``with RecordCalls(op) as record``, ``record.calls`` lists the arguments of every call to ``op``."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is self.op:
+            self.calls.append(args)
+        return func(*args, **(kwargs or {}))
 
 
 def max_rel(a, b):

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import visionpeft as vp
-from conftest import perturb
+from conftest import RecordCalls, perturb
 from visionpeft.layers import depthwise
 
 CASES = [  # dims, channels, multiplier, kernel, stride, padding, dilation, size
@@ -51,15 +50,13 @@ def test_channels_last_input_and_frozen_input():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-class _RecordConvBackward(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.masks = []
+def _record_conv_backward():
+    return RecordCalls(torch.ops.aten.convolution_backward.default)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution_backward.default:
-            self.masks.append((args[2].shape, tuple(args[-1])))
-        return func(*args, **(kwargs or {}))
+
+def _masks(record):
+    """(weight shape, output mask) of each convolution_backward call."""
+    return [(args[2].shape, tuple(args[-1])) for args in record.calls]
 
 
 def _adapter_gradients(model, x):
@@ -77,14 +74,14 @@ def test_an_adapted_depthwise_conv_never_asks_aten_for_its_weight_gradient(metho
     vp.attach(model, method, targets=nn.Conv2d, **options)
     perturb(model)
     x = torch.randn(2, 8, 9, 9)
-    with _RecordConvBackward() as record:
+    with _record_conv_backward() as record:
         fast = _adapter_gradients(model, x)
-    kernel_grads = [mask for shape, mask in record.masks if shape == (8, 1, 5, 5) and mask[1]]
-    assert not kernel_grads, f"aten computed a depthwise weight gradient: {record.masks}"
+    kernel_grads = [mask for shape, mask in _masks(record) if shape == (8, 1, 5, 5) and mask[1]]
+    assert not kernel_grads, f"aten computed a depthwise weight gradient: {_masks(record)}"
     monkeypatch.setattr(depthwise, "takes_fast_weight_gradient", lambda *args: False)
-    with _RecordConvBackward() as record:
+    with _record_conv_backward() as record:
         stock = _adapter_gradients(model, x)
-    assert any(shape == (8, 1, 5, 5) and mask[1] for shape, mask in record.masks)  # the recorder sees aten's
+    assert any(shape == (8, 1, 5, 5) and mask[1] for shape, mask in _masks(record))  # the recorder sees aten's
     assert fast.keys() == stock.keys() and fast
     for name in fast:
         torch.testing.assert_close(fast[name], stock[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -6,20 +6,9 @@ runs up to 9× slower for tall inputs (benchmarks/README.md, FLoRA section). Not
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import visionpeft as vp
-
-
-class _RecordAddmm(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.right_operands = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.addmm.default:
-            self.right_operands.append(args[2])
-        return func(*args, **(kwargs or {}))
+from conftest import RecordCalls
 
 
 @pytest.mark.parametrize("method", ["lora", "flora"])
@@ -28,8 +17,8 @@ def test_up_projection_is_a_contiguous_right_operand(method):
     model = nn.Sequential(nn.Linear(16, 24))
     vp.attach(model, method, rank=4, targets=nn.Linear)
     x = torch.randn(64, 16)
-    with _RecordAddmm() as record:
+    with RecordCalls(torch.ops.aten.addmm.default) as record:
         model(x).sum().backward()
-    rank_rows = [m for m in record.right_operands if m.shape == (4, 24)]
+    rank_rows = [args[2] for args in record.calls if args[2].shape == (4, 24)]
     assert rank_rows, "the adapter's up-projection did not go through addmm"
     assert all(m.is_contiguous() for m in rank_rows)

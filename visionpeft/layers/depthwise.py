@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
@@ -39,7 +39,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
         dims = weight.dim() - 2
         return _DepthwiseConv.apply(x, weight, bias, _tuple(stride, dims), _tuple(padding, dims),
                                     _tuple(dilation, dims), groups)
-    return _CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    return CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
 def depthwise_weight_gradient(x: torch.Tensor, grad_output: torch.Tensor, kernel: Sequence[int],
@@ -56,7 +56,7 @@ def depthwise_weight_gradient(x: torch.Tensor, grad_output: torch.Tensor, kernel
     planes = F.pad(x, pad) if any(pad) else x
     planes = planes.reshape(1, batch * channels, *planes.shape[2:])
     kernels = grad_output.reshape(batch * out_channels, 1, *grad_output.shape[2:])
-    correlation = _CONV_FUNCTIONS[len(kernel)](planes, kernels, None, tuple(dilation), 0, tuple(stride),
+    correlation = CONV_FUNCTIONS[len(kernel)](planes, kernels, None, tuple(dilation), 0, tuple(stride),
                                                batch * channels)
     grad = correlation.reshape(batch, out_channels, *correlation.shape[2:]).sum(0)
     return grad[(slice(None), *(slice(0, k) for k in kernel))].unsqueeze(1)
@@ -68,7 +68,7 @@ class _DepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.bias_size = None if bias is None else [bias.shape[0]]
-        return _CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionpeft.layers import depthwise
-
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from visionpeft.layers.depthwise import CONV_FUNCTIONS
 _STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
@@ -69,7 +68,7 @@ class Slot:
         """Map channels with a 1×1 op: ``weight`` is (out, rank) for linear, (out, rank, 1, ...) for conv."""
         if self.op == "linear":
             return F.linear(h, weight)
-        return _CONV_FUNCTIONS[len(self.shape) - 2](h, weight)
+        return CONV_FUNCTIONS[len(self.shape) - 2](h, weight)
 
     def block_split(self) -> tuple[int, ...]:
         return self.blocks or (self.shape[0],)
