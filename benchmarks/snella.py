@@ -6,9 +6,9 @@ Every adapter targets the family preset (q, k, v, proj, fc1, fc2 of every block)
 
 - ``floor``: trunk frozen, only ``pos_embed`` and the head train (activation gradients through every block).
 - ``lora-r8``: LoRA r=8.
-- ``snella-r8``: SNELLA r=8, softmax-mixture kernel, every layer masked at ``DENSITY`` from the first step,
+- ``snella-r8``: SNELLA r=8 (default path: the op runs with W + ΔW), softmax-mixture kernel, every layer masked at ``DENSITY`` from the first step,
   with ``vp.step`` called after every optimizer step (importance EMAs, re-allocation every step).
-- ``snella-r8-weight``: the same with ``path="weight"`` (W + ΔW: fewer matmuls, W + ΔW kept for backward).
+- ``snella-r8-activation``: the same with ``path="activation"`` (x·ΔWᵀ added to the output: two more matmuls).
 - ``snell-r8``: SNELL r=8 (distance kernel, fixed ``DENSITY`` per layer).
 - ``masked-dense``: the GPS/SPT-style baseline: the same weights trained in full by AdamW with a fixed gradient
   mask keeping ``DENSITY`` of each weight's entries (optimizer state and gradients are weight-sized).
@@ -99,7 +99,7 @@ def masked_dense(model, workload):
     return model
 
 
-CONFIGS = {"floor": frozen_floor, "lora-r8": lora, "snella-r8": snella("activation"), "snella-r8-weight": snella("weight"),
+CONFIGS = {"floor": frozen_floor, "lora-r8": lora, "snella-r8": snella("weight"), "snella-r8-activation": snella("activation"),
            "snell-r8": snell, "masked-dense": masked_dense}
 
 

@@ -11,7 +11,10 @@ from torch import nn
 import visionpeft as vp
 from conftest import Wrap, max_rel, perturb
 from visionpeft.core import adapted_layers
-from visionpeft.methods.snella import allocate, distance_kernel, keep_largest, scheduled_budget, softmax_mixture
+import importlib
+
+from visionpeft.methods.snella import (allocate, distance_kernel, keep_largest, scheduled_budget, select_largest,
+                                     softmax_mixture)
 from visionpeft.models import build
 
 
@@ -73,6 +76,40 @@ def test_keep_largest_keeps_exactly_the_largest_entries(budget):
 def test_keep_largest_beyond_torch_quantile_limit():
     k = torch.randn(4097, 4097)  # 2^24 + 8193 entries: torch.quantile refuses this
     assert int((keep_largest(k, 1000) != 0).sum()) == 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("numel,budget", [(1000, 1), (1000, 300), (1000, 999), (70000, 21000)])
+def test_select_largest_keeps_exactly_the_largest(dtype, numel, budget):
+    magnitude = torch.randn(numel, dtype=torch.float64).abs().to(dtype)
+    mask = select_largest(magnitude, budget).mask(magnitude).bool()
+    assert int(mask.sum()) == budget
+    assert magnitude[mask].min() >= magnitude[~mask].max()
+
+
+def test_select_largest_breaks_ties_at_the_threshold_in_flat_order_and_a_second_mask_agrees():
+    magnitude = torch.tensor([3.0, 2.0, 1.0, 2.0, 2.0, 0.5, 2.0])
+    selection = select_largest(magnitude, 3)
+    assert selection.mask(magnitude).tolist() == [True, True, False, True, False, False, False]
+    assert selection.mask(magnitude.clone()).tolist() == selection.mask(magnitude).tolist()  # what backward recomputes
+    assert select_largest(magnitude, 5).mask(magnitude).sum() == 5  # every tie kept: no tie-breaking needed
+    assert select_largest(magnitude, 7).mask(magnitude) is None and not select_largest(magnitude, 0).mask(magnitude).any()
+
+
+def test_a_step_builds_the_kernel_once_in_forward_and_once_in_backward_and_selects_once(monkeypatch):
+    snella = importlib.import_module("visionpeft.methods.snella")
+    calls = {"kernel_terms": 0, "select_largest": 0}
+    for name in calls:
+        def counted(*args, _original=getattr(snella, name), _name=name):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(snella, name, counted)
+    model = vp.attach(Wrap(nn.Linear(24, 40)), "snella", targets=["layer"], rank=4, density=0.3, init_density=0.3,
+                      path="weight")
+    perturb(model)
+    model(torch.randn(3, 24, requires_grad=True)).pow(2).sum().backward()
+    assert calls == {"kernel_terms": 2, "select_largest": 1}  # the rebuild of W + ΔW hands its terms to the gradient
+    assert all(p.grad is not None for p in vp.trainable_parameters(model).values())
 
 
 # --- schedule and allocation -----------------------------------------------------------------------
@@ -200,12 +237,24 @@ def test_no_weight_sized_tensor_is_kept_for_backward(make, shape):
     assert all(p.grad is not None for p in vp.trainable_parameters(model).values())
 
 
+def reference_delta(method):
+    """ΔW through autograd and plain torch ops (norms, torch.softmax), on the entries the method keeps."""
+    inner, outer = method.in_pieces, method.out_pieces
+    kernel = sum(w * (outer[p][:, None, :] - inner[p][None, :, :]).norm(dim=-1) for p, w in enumerate((0.1, -0.1)))
+    if method.mixture is not None:
+        a, gamma, beta = method.mixture
+        kernel = kernel + a * (torch.softmax(kernel / gamma, dim=0) - 1 / kernel.shape[0]) + beta / kernel.shape[1]
+    kept = method.delta().detach().reshape(kernel.shape) != 0
+    return torch.where(kept, kernel, 0.0)
+
+
 @pytest.mark.parametrize("make,shape", SMALL_LAYERS + [(lambda: nn.Conv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))])
 @pytest.mark.parametrize("path", ["activation", "weight"])
-def test_gradients_match_autograd_through_the_delta(make, shape, path):
+@pytest.mark.parametrize("kernel", ["distance", "distance+softmax"])
+def test_gradients_match_autograd_through_the_delta(kernel, make, shape, path):
     base = make()
     model = vp.attach(Wrap(copy.deepcopy(base)), "snella", targets=["layer"], rank=4, init_density=0.6, density=0.6,
-                      path=path)
+                      path=path, kernel=kernel)
     perturb(model)
     method = model.layer.vp_adapters["default"]["weight"]
     x = torch.randn(shape, requires_grad=True)
@@ -216,9 +265,30 @@ def test_gradients_match_autograd_through_the_delta(make, shape, path):
     method.zero_grad(set_to_none=True)
     x2 = x.detach().clone().requires_grad_()
     op = F.linear if isinstance(base, nn.Linear) else base._conv_forward
-    (op(x2, base.weight + method.delta(), base.bias) * probe).sum().backward()
+    (op(x2, base.weight + reference_delta(method).view_as(base.weight), base.bias) * probe).sum().backward()
     expected = [p.grad for p in method.parameters()] + [x2.grad]
     assert all(max_rel(g, e) < 1e-4 for g, e in zip(got, expected))
+
+
+def test_a_zero_distance_passes_no_gradient_instead_of_an_infinite_one():
+    model = vp.attach(Wrap(nn.Linear(6, 5)), "snella", targets=["layer"], rank=2, density=1.0, kernel="distance")
+    perturb(model)
+    method = model.layer.vp_adapters["default"]["weight"]
+    with torch.no_grad():  # out_p[0] == in_p[0] in both pieces: D²[0, 0] is clamped
+        method.out_pieces[:, 0] = method.in_pieces[:, 0]
+    model(torch.randn(3, 6)).pow(2).sum().backward()
+    grads = [method.in_pieces.grad, method.out_pieces.grad]
+    assert all(torch.isfinite(g).all() for g in grads)
+    method.zero_grad(set_to_none=True)
+    reference = reference_delta(method)  # autograd's, with entry (0, 0) cut out of the graph
+    kept = torch.ones_like(reference)
+    kept[0, 0] = 0
+    probe = torch.randn(5, 6)
+    (method.delta() * probe).sum().backward()
+    got = [method.in_pieces.grad.clone(), method.out_pieces.grad.clone()]
+    method.zero_grad(set_to_none=True)
+    (reference * kept * probe).sum().backward()
+    assert all(max_rel(g, e) < 1e-4 for g, e in zip(got, [method.in_pieces.grad, method.out_pieces.grad]))
 
 
 # --- allocation in training ---------------------------------------------------------------------
