@@ -13,8 +13,8 @@ from conftest import Wrap, max_rel, perturb
 from visionpeft.core import adapted_layers
 import importlib
 
-from visionpeft.methods.snella import (allocate, distance_kernel, keep_largest, scheduled_budget, select_largest,
-                                     softmax_mixture)
+from visionpeft.methods.snella import (allocate, distance_kernel, keep_largest, kernel_terms, kernel_value, scheduled_budget,
+                                     select_largest, softmax_mixture)
 from visionpeft.models import build
 
 
@@ -50,6 +50,12 @@ def test_distance_kernel_matches_its_formula_and_identical_pieces_cancel_exactly
     assert torch.allclose(distance_kernel(inner, outer), expected, atol=1e-6)
     same_in, same_out = inner[:1].expand(2, -1, -1), outer[:1].expand(2, -1, -1)
     assert torch.equal(distance_kernel(same_in, same_out), torch.zeros(5, 7))
+
+
+@pytest.mark.parametrize("mixture", [None, torch.tensor([0.7, 1.3, 0.2])])
+def test_the_in_place_forward_value_equals_the_kernel_terms_bit_for_bit(mixture):
+    inner, outer = torch.randn(2, 33, 3), torch.randn(2, 21, 3)
+    assert torch.equal(kernel_value(inner, outer, mixture), kernel_terms(inner, outer, mixture).value)
 
 
 def test_softmax_mixture_matches_its_formula_and_is_exactly_zero_at_zero():
@@ -98,7 +104,7 @@ def test_select_largest_breaks_ties_at_the_threshold_in_flat_order_and_a_second_
 
 def test_a_step_builds_the_kernel_once_in_forward_and_once_in_backward_and_selects_once(monkeypatch):
     snella = importlib.import_module("visionpeft.methods.snella")
-    calls = {"kernel_terms": 0, "select_largest": 0}
+    calls = {"kernel_value": 0, "kernel_terms": 0, "select_largest": 0}
     for name in calls:
         def counted(*args, _original=getattr(snella, name), _name=name):
             calls[_name] += 1
@@ -108,7 +114,8 @@ def test_a_step_builds_the_kernel_once_in_forward_and_once_in_backward_and_selec
                       path="weight")
     perturb(model)
     model(torch.randn(3, 24, requires_grad=True)).pow(2).sum().backward()
-    assert calls == {"kernel_terms": 2, "select_largest": 1}  # the rebuild of W + ΔW hands its terms to the gradient
+    # forward: the value alone; backward: the rebuild of W + ΔW hands its terms to the gradient
+    assert calls == {"kernel_value": 1, "kernel_terms": 1, "select_largest": 1}
     assert all(p.grad is not None for p in vp.trainable_parameters(model).values())
 
 

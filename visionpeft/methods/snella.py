@@ -98,12 +98,13 @@ def pairwise_distances(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tenso
     return squared.clamp_min_(SQUARED_DISTANCE_FLOOR).sqrt_()
 
 
-def combine_pieces(distances: torch.Tensor, weights: Sequence[float] = PIECE_WEIGHTS) -> torch.Tensor:
+def combine_pieces(distances: torch.Tensor, weights: Sequence[float] = PIECE_WEIGHTS,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_p weights[p] · distances[p], summed elementwise (not as a contraction), so identical pieces with
-    weights of opposite sign give exactly zero."""
-    if len(weights) == 2 and weights[1] == -weights[0]:  # SNELL's (α, −α): α · (D₀ − D₁), two passes, not three
-        return torch.sub(distances[0], distances[1]).mul_(weights[0])
-    kernel = distances[0] * weights[0]
+    weights of opposite sign give exactly zero. ``out`` may be ``distances[0]`` (computed in place)."""
+    if len(weights) == 2 and weights[1] == -weights[0]:  # (α, −α) as in the reference: α · (D₀ − D₁), two passes
+        return torch.sub(distances[0], distances[1], out=out).mul_(weights[0])
+    kernel = torch.mul(distances[0], weights[0], out=out)
     for piece, weight in zip(distances[1:], weights[1:]):
         kernel.add_(piece * weight)  # not alpha=: a fused multiply-add would round differently
     return kernel
@@ -115,10 +116,10 @@ def distance_kernel(in_pieces: torch.Tensor, out_pieces: torch.Tensor,
     return combine_pieces(pairwise_distances(out_pieces, in_pieces), weights)
 
 
-def centred_softmax(kernel: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+def centred_softmax(kernel: torch.Tensor, temperature: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax over outputs (dim 0) of K / temperature, minus the uniform 1/out; computed as (e − Σe/out) / Σe,
-    which is exactly zero when K is constant along the outputs."""
-    z = kernel / temperature
+    which is exactly zero when K is constant along the outputs. Written into ``out`` when given."""
+    z = torch.div(kernel, temperature, out=out)
     e = z.sub_(z.amax(dim=0, keepdim=True)).exp_()
     total = e.sum(dim=0, keepdim=True)
     return e.sub_(total / kernel.shape[0]).div_(total)
@@ -126,13 +127,16 @@ def centred_softmax(kernel: torch.Tensor, temperature: torch.Tensor) -> torch.Te
 
 def softmax_mixture(kernel: torch.Tensor, scale: torch.Tensor, temperature: torch.Tensor,
                     shift: torch.Tensor) -> torch.Tensor:
-    """SNELLA's mixture K + scale · (softmax over outputs of K / temperature − 1/out) + shift (no autograd:
-    :class:`_SparseKernel` differentiates it by hand); exactly zero when K is."""
+    """SNELLA's mixture K + scale · (softmax over outputs of K / temperature − 1/out) + shift; exactly zero when
+    K is. Like every kernel function here it works in place and is not for autograd: :class:`_SparseKernel`
+    differentiates the kernel by hand."""
     return _mix(kernel, centred_softmax(kernel, temperature), scale, shift)
 
 
-def _mix(kernel: torch.Tensor, centred: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(kernel, centred, scale).add_(shift)
+def _mix(kernel: torch.Tensor, centred: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+         in_place: bool = False) -> torch.Tensor:
+    mixed = kernel.addcmul_(centred, scale) if in_place else torch.addcmul(kernel, centred, scale)
+    return mixed.add_(shift)
 
 
 class KernelTerms(NamedTuple):
@@ -141,13 +145,13 @@ class KernelTerms(NamedTuple):
     distances: torch.Tensor  # (P, out, in)
     kernel: torch.Tensor  # Σ_p α_p D_p
     centred: torch.Tensor | None  # softmax over outputs of kernel / γ, minus 1/out (mixture only)
-    value: torch.Tensor  # what is sparsified: the kernel, or the mixture
+    value: torch.Tensor | None  # what is sparsified: the kernel, or the mixture
 
 
 def kernel_terms(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> KernelTerms:
     """The distance kernel of the factors and, with ``mixture`` = (scale a, temperature γ, shift β), SNELLA's
-    softmax mixture on top (β per input: β / fan_in, module docstring). No autograd; autocast off, so the
-    forward, the rebuild in backward and ``delta()`` all compute the same float32 values."""
+    softmax mixture on top (β per input: β / fan_in, module docstring), with the intermediates. No autograd;
+    autocast off, so the forward, the rebuild in backward and ``delta()`` all compute the same float32 values."""
     with torch.no_grad(), torch.autocast(in_pieces.device.type, enabled=False):
         distances = pairwise_distances(out_pieces, in_pieces)
         kernel = combine_pieces(distances)
@@ -155,6 +159,18 @@ def kernel_terms(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: tor
             return KernelTerms(distances, kernel, None, kernel)
         centred = centred_softmax(kernel, mixture[1])
         return KernelTerms(distances, kernel, centred, _mix(kernel, centred, mixture[0], mixture[2] / kernel.shape[1]))
+
+
+def kernel_value(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernel_terms(...).value``, bit for bit (the same operations), computed in place in the two (out, in)
+    buffers of the distances: what the forward needs, at a third of the transient memory."""
+    with torch.no_grad(), torch.autocast(in_pieces.device.type, enabled=False):
+        distances = pairwise_distances(out_pieces, in_pieces)
+        kernel = combine_pieces(distances, out=distances[0])
+        if mixture is None:
+            return kernel
+        centred = centred_softmax(kernel, mixture[1], out=distances[1])
+        return _mix(kernel, centred, mixture[0], mixture[2] / kernel.shape[1], in_place=True)
 
 
 # --- the sparsifier ---------------------------------------------------------------------------------
@@ -167,21 +183,24 @@ class TopSelection(NamedTuple):
     threshold: torch.Tensor | None  # None when nothing is dropped
     ties: int | None
 
-    def mask(self, magnitude: torch.Tensor) -> torch.Tensor | None:
+    def mask(self, magnitude: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
         """1 on the kept entries of ``magnitude``, 0 elsewhere (in its dtype: float arithmetic runs several times
-        faster than a boolean mask and ``torch.where`` on CPU); None when every entry is kept."""
+        faster than a boolean mask and ``torch.where`` on CPU), written over ``magnitude`` when ``in_place``;
+        None when every entry is kept."""
         if self.threshold is None:
             return None
         if self.budget <= 0:
-            return torch.zeros_like(magnitude)
+            return magnitude.zero_() if in_place else torch.zeros_like(magnitude)
         if self.ties is None:  # sign(|k| − t) + 1, capped at 1: 1 at or above the threshold, 0 below
-            return (magnitude - self.threshold).sign_().add_(1).clamp_max_(1)
+            shifted = magnitude.sub_(self.threshold) if in_place else magnitude - self.threshold
+            return shifted.sign_().add_(1).clamp_max_(1)
         tied = magnitude == self.threshold
         first = tied.flatten().cumsum(0).view_as(tied) <= self.ties
-        return ((magnitude > self.threshold) | (tied & first)).to(magnitude.dtype)
+        kept = (magnitude > self.threshold) | (tied & first)
+        return magnitude.copy_(kept) if in_place else kept.to(magnitude.dtype)
 
     def apply(self, value: torch.Tensor) -> torch.Tensor:
-        mask = self.mask(value.abs())
+        mask = self.mask(value.abs(), in_place=True)
         return value if mask is None else value * mask
 
 
@@ -280,27 +299,31 @@ def _betas(value: Any) -> bool:
 
 class _DeltaState:
     """What one forward's ΔW shares with its backward: the selection of kept entries (found once, in the
-    forward) and, when the weight path rebuilds W + ΔW in backward, the kernel terms that rebuild computed,
-    handed on to the gradient so the kernel is built once per backward, not twice."""
+    forward) and, when the weight path rebuilds W + ΔW in backward, the kernel terms and mask that rebuild
+    computed, handed on to the gradient so the kernel is built once per backward, not twice."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.selection: TopSelection | None = None
         self.rebuilt: tuple[KernelTerms, torch.Tensor | None] | None = None
 
-    def sparse(self, terms: KernelTerms) -> torch.Tensor:
-        magnitude = terms.value.abs()
+    def sparse(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (owned: overwritten) with the dropped entries zeroed; the selection is made on first use."""
+        magnitude = value.abs()
         if self.selection is None:
             self.selection = select_largest(magnitude, self.budget)
-        mask = self.selection.mask(magnitude)
-        return terms.value if mask is None else terms.value * mask
+        mask = self.selection.mask(magnitude, in_place=True)
+        return value if mask is None else value.mul_(mask)
 
     def rebuild(self, in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None) -> torch.Tensor:
-        """ΔW again, bit for bit, keeping its terms for :meth:`_SparseKernel.backward`."""
+        """ΔW again, bit for bit, keeping its terms and mask for :meth:`_SparseKernel.backward`."""
         terms = kernel_terms(in_pieces, out_pieces, mixture)
-        mask = self.selection.mask(terms.value.abs())
-        self.rebuilt = (terms, mask)
-        return terms.value if mask is None else terms.value * mask
+        mask = self.selection.mask(terms.value.abs(), in_place=True)
+        self.rebuilt = (terms._replace(value=None), mask)
+        if mask is None:
+            return terms.value
+        # the kernel itself stays in the terms; only the mixture's value may be overwritten
+        return terms.value * mask if terms.value is terms.kernel else terms.value.mul_(mask)
 
     def take_rebuilt(self) -> tuple[KernelTerms, torch.Tensor | None] | None:
         rebuilt, self.rebuilt = self.rebuilt, None
@@ -322,7 +345,7 @@ class _SparseKernel(torch.autograd.Function):
                 mixture: torch.Tensor | None) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(in_pieces, out_pieces, mixture)
-        return state.sparse(kernel_terms(in_pieces, out_pieces, mixture))
+        return state.sparse(kernel_value(in_pieces, out_pieces, mixture))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -330,26 +353,28 @@ class _SparseKernel(torch.autograd.Function):
         rebuilt = ctx.state.take_rebuilt()
         if rebuilt is None:
             terms = kernel_terms(in_pieces, out_pieces, mixture)
-            rebuilt = terms, ctx.state.selection.mask(terms.value.abs())
-        terms, mask = rebuilt
+            rebuilt = terms._replace(value=None), ctx.state.selection.mask(terms.value.abs(), in_place=True)
+        (distances, kernel, centred, _), mask = rebuilt
+        del rebuilt  # the buffers below are this backward's own: overwritten as they are used up
         with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(terms.value.dtype)
-            kept = grad if mask is None else grad * mask
+            grad = grad.to(kernel.dtype)
+            kept = grad if mask is None else torch.mul(grad, mask, out=mask)
             grad_mixture = None
             if mixture is not None:
                 scale, temperature = mixture[0], mixture[1]
-                grad_scale = (kept * terms.centred).sum()
+                grad_scale = torch.vdot(kept.flatten(), centred.flatten())
                 grad_shift = kept.sum() / kept.shape[1]
-                softmax = terms.centred.add_(1 / kept.shape[0])  # the terms are this backward's own
+                softmax = centred.add_(1 / kept.shape[0])
                 grad_logits = softmax.mul_(kept - (softmax * kept).sum(0, keepdim=True)).mul_(scale)  # ∂L/∂(K/γ)
-                grad_temperature = -(grad_logits * terms.kernel).sum() / temperature.square()
+                grad_temperature = -torch.vdot(grad_logits.flatten(), kernel.flatten()) / temperature.square()
+                del kernel
                 kept = grad_logits.div_(temperature).add_(kept)
                 grad_mixture = torch.stack([grad_scale, grad_temperature, grad_shift])
-            distances = terms.distances
-            weighted = (kept / distances).mul_(distances.new_tensor(PIECE_WEIGHTS).view(-1, 1, 1))
             floor = distances.new_tensor(SQUARED_DISTANCE_FLOOR).sqrt()
-            if distances.amin() <= floor:  # where D² was clamped no gradient flows (sign(D − floor) is 0 there)
-                weighted.mul_((distances - floor).sign_())
+            clamped = (distances - floor).sign_() if distances.amin() <= floor else None  # 0 where D² was clamped
+            weighted = torch.div(kept, distances, out=distances).mul_(distances.new_tensor(PIECE_WEIGHTS).view(-1, 1, 1))
+            if clamped is not None:  # no gradient flows where D² was clamped
+                weighted.mul_(clamped)
             grad_out = out_pieces * weighted.sum(-1, keepdim=True) - torch.bmm(weighted, in_pieces)
             # (outᵀ W)ᵀ rather than Wᵀ out: the matmul then reads W in its own layout (2x faster on CPU)
             grad_in = in_pieces * weighted.sum(-2).unsqueeze(-1) - torch.bmm(out_pieces.transpose(-1, -2), weighted).transpose(-1, -2)
