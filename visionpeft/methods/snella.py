@@ -199,10 +199,6 @@ class TopSelection(NamedTuple):
         kept = (magnitude > self.threshold) | (tied & first)
         return magnitude.copy_(kept) if in_place else kept.to(magnitude.dtype)
 
-    def apply(self, value: torch.Tensor) -> torch.Tensor:
-        mask = self.mask(value.abs(), in_place=True)
-        return value if mask is None else value * mask
-
 
 def select_largest(magnitude: torch.Tensor, budget: int) -> TopSelection:
     """The ``budget`` largest entries of a non-negative ``magnitude`` (exactly ``budget``, ties broken in flat
@@ -238,7 +234,7 @@ def select_largest(magnitude: torch.Tensor, budget: int) -> TopSelection:
 
 def keep_largest(kernel: torch.Tensor, budget: int) -> torch.Tensor:
     """``kernel`` with all but its ``budget`` largest-magnitude entries set to zero (exactly ``budget`` kept)."""
-    return select_largest(kernel.abs(), budget).apply(kernel)
+    return _DeltaState(budget).sparse(kernel.clone())
 
 
 KERNELS = ("distance", "distance+softmax")
@@ -315,18 +311,27 @@ class _DeltaState:
         mask = self.selection.mask(magnitude, in_place=True)
         return value if mask is None else value.mul_(mask)
 
+    def terms_and_mask(self, in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None
+                       ) -> tuple[KernelTerms, torch.Tensor | None]:
+        """The kernel terms again, bit for bit, and the mask of the entries the forward kept."""
+        terms = kernel_terms(in_pieces, out_pieces, mixture)
+        return terms, self.selection.mask(terms.value.abs(), in_place=True)
+
     def rebuild(self, in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None) -> torch.Tensor:
         """ΔW again, bit for bit, keeping its terms and mask for :meth:`_SparseKernel.backward`."""
-        terms = kernel_terms(in_pieces, out_pieces, mixture)
-        mask = self.selection.mask(terms.value.abs(), in_place=True)
-        self.rebuilt = (terms._replace(value=None), mask)
+        terms, mask = self.terms_and_mask(in_pieces, out_pieces, mixture)
+        self.rebuilt = (terms._replace(value=None), mask)  # the gradient needs the mask, not the value
         if mask is None:
             return terms.value
         # the kernel itself stays in the terms; only the mixture's value may be overwritten
         return terms.value * mask if terms.value is terms.kernel else terms.value.mul_(mask)
 
-    def take_rebuilt(self) -> tuple[KernelTerms, torch.Tensor | None] | None:
+    def take_rebuilt(self, *factors: torch.Tensor | None) -> tuple[KernelTerms, torch.Tensor | None]:
+        """What :meth:`rebuild` kept (handed over once), or the same computed afresh."""
         rebuilt, self.rebuilt = self.rebuilt, None
+        if rebuilt is None:
+            terms, mask = self.terms_and_mask(*factors)
+            rebuilt = terms._replace(value=None), mask
         return rebuilt
 
 
@@ -350,12 +355,8 @@ class _SparseKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         in_pieces, out_pieces, mixture = ctx.saved_tensors
-        rebuilt = ctx.state.take_rebuilt()
-        if rebuilt is None:
-            terms = kernel_terms(in_pieces, out_pieces, mixture)
-            rebuilt = terms._replace(value=None), ctx.state.selection.mask(terms.value.abs(), in_place=True)
-        (distances, kernel, centred, _), mask = rebuilt
-        del rebuilt  # the buffers below are this backward's own: overwritten as they are used up
+        (distances, kernel, centred, _), mask = ctx.state.take_rebuilt(in_pieces, out_pieces, mixture)
+        # the buffers above are this backward's own: overwritten as they are used up
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(kernel.dtype)
             kept = grad if mask is None else torch.mul(grad, mask, out=mask)
