@@ -12,6 +12,7 @@ W + ΔW path, to compare with the default (branch on activations).
     python benchmarks/flora.py [--workloads resnet50 convnext_t unet sd15_unet] [--device cuda] [--out FILE]
     python benchmarks/flora.py --contraction      # ΔW by torch.einsum vs tensorly multi_mode_dot
     python benchmarks/flora.py --depthwise        # a depthwise kernel's weight gradient: aten vs visionpeft
+    python benchmarks/flora.py --pointwise        # a rank-8 1×1 map: oneDNN conv vs visionpeft's bmm
 """
 from __future__ import annotations
 
@@ -162,10 +163,38 @@ def depthwise_benchmark(repeats: int = 10) -> str:
     return "\n".join(lines)
 
 
+def pointwise_benchmark(repeats: int = 30, rank: int = 8) -> str:
+    """A rank-r 1×1 map (FLoRA's U_in, a 1×1 layer's down-projection), forward and backward (input and weight
+    gradients): oneDNN's convolution against ``visionpeft.methods.lowrank``'s batched matrix product."""
+    import importlib
+
+    lowrank = importlib.import_module("visionpeft.methods.lowrank")
+    lines = [f"{machine('cpu')}", "",
+             f"| input (N, C, H, W) | conv forward (ms) | conv backward (ms) | bmm forward (ms) | bmm backward (ms) "
+             f"| speed-up, forward + backward |", "|---|---:|---:|---:|---:|---:|"]
+    for shape in [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4), (1, 320, 64, 64),
+                  (8, 64, 56, 56), (8, 256, 56, 56), (8, 1024, 14, 14)]:
+        x, weight = torch.randn(shape), torch.randn(shape[1], rank)
+        grad = torch.randn(shape[0], rank, *shape[2:])
+        kernel = weight.t().reshape(rank, shape[1], 1, 1).contiguous()
+        conv_forward = median_ms(lambda: torch.ops.aten.convolution(
+            x, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), repeats, warmup=3)
+        conv_backward = median_ms(lambda: torch.ops.aten.convolution_backward(
+            grad, x, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]), repeats, warmup=3)
+        bmm_forward = median_ms(lambda: lowrank._pointwise(x, weight), repeats, warmup=3)
+        bmm_backward = median_ms(lambda: lowrank._pointwise_backward(grad, x, weight, True, True), repeats, warmup=3)
+        speedup = (conv_forward + conv_backward) / (bmm_forward + bmm_backward)
+        lines.append(f"| {shape} | {conv_forward:.2f} | {conv_backward:.2f} | {bmm_forward:.2f} | {bmm_backward:.2f} "
+                     f"| {speedup:.1f}× |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if "--contraction" in sys.argv:
         print(contraction_benchmark())
     elif "--depthwise" in sys.argv:
         print(depthwise_benchmark())
+    elif "--pointwise" in sys.argv:
+        print(pointwise_benchmark())
     else:
         main(CONFIGS, WORKLOADS, floor="floor", peer="peft-lora")

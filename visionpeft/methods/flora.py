@@ -11,7 +11,9 @@ have 2 modes, Conv1d/2d/3d kernels 3-5. The core starts at zero and the factors 
 Forward, measured (``benchmarks/flora.py``): on linear ops and ungrouped convs the update runs as a
 branch x → U_inᵀ (1×1) → the core conv (kernel modes expanded, base geometry) → U_out (1×1), added into the
 base output in one fused op that also applies the scale (its alpha): it never builds ΔW, needs no
-weight-sized gradient, and costs a small fraction of the base conv. One conv with U_in folded into the
+weight-sized gradient, and costs a small fraction of the base conv. The branch is one autograd function
+(``lowrank.add_low_rank_output``): the 1×1 maps are batched matrix products, and on linear ops and 1×1
+convs U_in is folded into the core first. One conv with U_in folded into the
 kernel (PEFT's shape) has one op fewer but C_in·r·k² multiply-adds: on the 35M UNet it stepped at 1.40× the
 floor against 1.46× in the same run, and per layer at SD-1.5's widths its extra cost was 2-5× the branch's.
 Grouped and depthwise convs (where in/groups is the input mode) and MultiheadAttention use W + ΔW, with ΔW
@@ -150,11 +152,5 @@ class FLoRA(Method):
             x = self.dropout(x)
         if slot.op == "conv" and slot.groups != 1:  # exact only through ΔW with the base's groups
             return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
-        u_out, u_in = self.factors[0], self.factors[1]
-        core = self.spatial_core()
-        if all(k == 1 for k in self.slot_shape[2:]):  # linear or 1×1: fold the core into the down-projection
-            down = core.reshape(self.ranks[0], self.ranks[1]) @ u_in.t()
-            return add_low_rank_output(x, out, slot, down, u_out, self.scale)
-        spatial = (1,) * (len(self.slot_shape) - 2)
-        h = slot.pointwise(x, u_in.t().to(x.dtype).reshape(self.ranks[1], self.slot_shape[1], *spatial))
-        return add_low_rank_output(h, out, slot, core, u_out, self.scale)  # the core conv: r_in -> r_out channels
+        # linear or 1×1: add_low_rank_output folds U_in into the core; otherwise it runs as a 1×1 conv first
+        return add_low_rank_output(x, out, slot, self.spatial_core(), self.factors[0], self.scale, pre=self.factors[1])
