@@ -13,6 +13,7 @@ W + ΔW path, to compare with the default (branch on activations).
     python benchmarks/flora.py --contraction      # ΔW by torch.einsum vs tensorly multi_mode_dot
     python benchmarks/flora.py --depthwise        # a depthwise kernel's weight gradient: aten vs visionpeft
     python benchmarks/flora.py --pointwise        # a rank-8 1×1 map: oneDNN conv vs visionpeft's bmm
+    python benchmarks/flora.py --in-place         # adding a branch into a linear output: fresh vs in place
 """
 from __future__ import annotations
 
@@ -189,6 +190,22 @@ def pointwise_benchmark(repeats: int = 30, rank: int = 8) -> str:
     return "\n".join(lines)
 
 
+def in_place_benchmark(repeats: int = 20, rank: int = 8) -> str:
+    """Adding a rank-r branch into a linear op's output: a fresh result (``torch.addmm``), the same product
+    into a preallocated buffer (``out=``, no fresh memory), and in place into the output (``addmm_``)."""
+    lines = [f"{machine('cpu')}", "",
+             "| output (rows × features) | fresh result (ms) | into a reused buffer (ms) | in place (ms) |",
+             "|---|---:|---:|---:|"]
+    for rows, features in [(25088, 384), (25088, 96), (6272, 768), (2048, 64), (512, 256)]:
+        out, h, up = torch.randn(rows, features), torch.randn(rows, rank), torch.randn(features, rank)
+        buffer = torch.empty_like(out)
+        fresh = median_ms(lambda: torch.addmm(out, h, up.t()), repeats, warmup=3)
+        reused = median_ms(lambda: torch.addmm(out, h, up.t(), out=buffer), repeats, warmup=3)
+        in_place = median_ms(lambda: out.addmm_(h, up.t()), repeats, warmup=3)
+        lines.append(f"| {rows} × {features} | {fresh:.2f} | {reused:.2f} | {in_place:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if "--contraction" in sys.argv:
         print(contraction_benchmark())
@@ -196,5 +213,7 @@ if __name__ == "__main__":
         print(depthwise_benchmark())
     elif "--pointwise" in sys.argv:
         print(pointwise_benchmark())
+    elif "--in-place" in sys.argv:
+        print(in_place_benchmark())
     else:
         main(CONFIGS, WORKLOADS, floor="floor", peer="peft-lora")

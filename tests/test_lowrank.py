@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from conftest import RecordCalls
+from conftest import RecordCalls, max_rel
 from visionpeft.layers.kinds import kind_of
 
 lowrank = importlib.import_module("visionpeft.methods.lowrank")
@@ -137,3 +137,102 @@ def test_pointwise_maps_are_matmuls_not_convolutions(kernel):
     branch_convs = 1 if kernel == 3 else 0
     assert len(forward.calls) == 1 + branch_convs  # the base conv, and the core conv
     assert len(backward.calls) == 1 + branch_convs
+
+
+
+@pytest.mark.parametrize("host,shape", [
+    (lambda: nn.Linear(6, 5), (4, 6)),
+    (lambda: nn.Linear(6, 5), (2, 3, 6)),  # the output is a view of the (rows, features) result
+    (lambda: nn.Conv2d(6, 5, 3, padding=1), (2, 6, 7, 7)),
+])
+def test_branch_adds_into_the_base_output_in_place(host, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(host())
+    reference = nn.Sequential(host())
+    reference.load_state_dict(model.state_dict())
+    vp.attach(model, "lora", rank=2, targets=["0"])
+    lora = model[0].vp_adapters["default"]["weight"]
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    with RecordCalls(torch.ops.aten.addmm_.default) as addmm_, RecordCalls(torch.ops.aten.baddbmm_.default) as baddbmm_:
+        y = model(x)
+    assert len(addmm_.calls) + len(baddbmm_.calls) == 1
+    y.square().sum().backward()
+    with torch.no_grad():
+        reference[0].weight += (lora.lora_B @ lora.lora_A).view(model[0].weight.shape) * lora.scale
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = reference(x_ref)
+    y_ref.square().sum().backward()
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+
+
+def test_no_in_place_sum_into_an_output_that_backward_keeps():
+    x = torch.randn(4, 6, requires_grad=True)
+    linear = torch.nn.functional.linear(x, torch.randn(5, 6))
+    kept = torch.relu(linear)  # relu saves its result for backward
+    assert lowrank._sum_target(linear) == (linear, True)
+    assert lowrank._sum_target(kept) == (kept, False)
+    leaf = torch.randn(4, 5, requires_grad=True)
+    assert lowrank._sum_target(leaf) == (leaf, False)
+    tokens = torch.nn.functional.linear(torch.randn(2, 3, 6, requires_grad=True), torch.randn(5, 6), torch.randn(5))
+    target, in_place = lowrank._sum_target(tokens)
+    assert in_place and target is tokens._base and target.shape == (6, 5)
+    assert not lowrank._sum_target(tokens[:, :2])[1]  # a part of the output: not the whole result
+
+
+class _ReluLinear(nn.Linear):
+    """A linear layer whose own forward does more than x·Wᵀ + b."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+@pytest.mark.parametrize("method", ["lora", "flora"])
+def test_a_linear_subclass_with_its_own_forward_runs_it_with_the_adapted_weight(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReluLinear(6, 5))
+    vp.attach(model, method, rank=2, targets=["0"])
+    for p in vp.trainable_parameters(model).values():
+        nn.init.normal_(p)
+    x = torch.randn(4, 6)
+    delta = model[0].vp_delta("default", "weight")
+    expected = torch.relu(torch.nn.functional.linear(x, model[0].weight + delta, model[0].bias))
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("host,shape", [
+    (lambda: nn.Linear(6, 5), (2, 3, 6)),
+    (lambda: nn.Conv2d(6, 5, 3, padding=1), (2, 6, 7, 7)),
+    (lambda: nn.Conv2d(6, 5, 1), (2, 6, 7, 7)),
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_two_adapters_on_one_layer_chain_their_sums(host, shape, channels_last):
+    """The second adapter adds into the first one's result (in place or not): gradients reach both and x."""
+    torch.manual_seed(0)
+    model = nn.Sequential(host())
+    if channels_last and len(shape) == 3:
+        pytest.skip("channels-last is a conv layout")
+    vp.attach(model, "lora", rank=2, targets=["0"], name="a")
+    vp.attach(model, "flora", rank=2, targets=["0"], name="b")
+    for p in vp.trainable_parameters(model).values():
+        nn.init.normal_(p)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    model(x).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in vp.trainable_parameters(model).items()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+    layer = model[0]
+    for p in vp.trainable_parameters(model).values():
+        p.grad = None
+    delta_a, delta_b = layer.vp_delta("a", "weight"), layer.vp_delta("b", "weight")
+    weight = layer.weight + delta_a + delta_b
+    x_ref = x.detach().clone().requires_grad_(True)
+    op = torch.nn.functional.linear if isinstance(layer, nn.Linear) else torch.nn.functional.conv2d
+    op(x_ref, weight, layer.bias, **({} if isinstance(layer, nn.Linear) else {"padding": layer.padding})).square().sum().backward()
+    assert max_rel(x.grad, x_ref.grad) < 1e-5
+    for name, p in vp.trainable_parameters(model).items():
+        assert max_rel(grads[name], p.grad) < 1e-5, name

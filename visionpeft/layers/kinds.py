@@ -207,10 +207,15 @@ class LinearKind(LayerKind):
 
     def slot(self, module, slot, qualified_name=""):
         w = module.weight
-        return Slot(label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op="linear",
+        # a subclass with its own forward may do more than x·Wᵀ + b: it only runs through that forward
+        own_class = getattr(module, "_vp_base_class", type(module))
+        op = "linear" if own_class.forward is nn.Linear.forward else "other"
+        return Slot(label=slot, shape=tuple(w.shape), dtype=w.dtype, device=w.device, op=op,
                     blocks=fused_blocks(qualified_name, w.shape))
 
     def run(self, module, base_forward, args, kwargs, weights):
+        if base_forward is not nn.Linear.forward:
+            return super().run(module, base_forward, args, kwargs, weights)
         with rebuilt_on_backward(weights.values()):
             return F.linear(args[0], weights["weight"], module.bias)
 

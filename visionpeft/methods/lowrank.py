@@ -1,6 +1,6 @@
 """The shared activation path of low-rank updates ΔW = up · diag(mid) · down [· pre] on linear ops and convs.
 
-The branch ``out + alpha · up · (mid ⊙ down(pre(x))))`` runs as one autograd function with a hand-written
+The branch ``out + alpha · up · (mid ⊙ down(pre(x)))`` runs as one autograd function with a hand-written
 backward. Built from stock ops, the same branch is 10-20 small aten calls and 8-12 autograd nodes per layer
 (views, casts, transposes, a contiguous copy of ``up``): on a UNet of 278 small adapted layers that host
 work, not the arithmetic, was most of the adapter's step time (``benchmarks/README.md``, FLoRA section).
@@ -25,21 +25,48 @@ def add_low_rank_output(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: to
       kernel, stride, padding and dilation into ``rank`` channels; convs need groups == 1);
     - ``up`` is (out, rank), a 1×1 map; ``mid`` a scalar (riding on the fused product's alpha) or a (rank,) vector.
 
-    The up-projection and the sum are one ``addmm``/``baddbmm`` on the base output. Backward keeps x (which the
-    base op keeps anyway), the rank-sized activations and the factors, never a weight-sized tensor. Gradients
-    are first-order only.
+    The up-projection and the sum are one ``addmm``/``baddbmm`` on the base output, in place where nothing keeps
+    that output (:func:`_sum_target`). Backward keeps x (which the base op keeps anyway), the rank-sized
+    activations and the factors, never a weight-sized tensor. Gradients are first-order only.
     """
     if x.dtype != out.dtype or torch.is_autocast_enabled(x.device.type):
         return _composed(x, out, slot, down, up, mid, pre)
     alpha = 1.0 if isinstance(mid, torch.Tensor) else float(mid)
     mid_vector = mid if isinstance(mid, torch.Tensor) else None
-    if slot.op == "linear":
-        return _LinearBranch.apply(x, out, pre, down, up, mid_vector, alpha)
-    padding = _numeric_padding(slot)
-    if padding is None:
+    padding = _numeric_padding(slot) if slot.op == "conv" else None
+    if slot.op == "conv" and padding is None:
         return _composed(x, out, slot, down, up, mid, pre)
-    return _ConvBranch.apply(x, out, pre, down, up, mid_vector, alpha,
-                             (list(slot.stride), padding, list(slot.dilation)), slot.kernel_size)
+    target, in_place = _sum_target(out)
+    if slot.op == "linear":
+        result = _LinearBranch.apply(x, target, pre, down, up, mid_vector, alpha, in_place)
+    else:
+        result = _ConvBranch.apply(x, target, pre, down, up, mid_vector, alpha, in_place,
+                                   (list(slot.stride), padding, list(slot.dilation)), slot.kernel_size)
+    return result.view(out.shape)
+
+
+#: the grad_fn of base outputs that no backward keeps: the stock linear and conv ops save their inputs only
+_UNKEPT_OUTPUTS = frozenset({"AddmmBackward0", "MmBackward0", "UnsafeViewBackward0", "ConvolutionBackward0",
+                             "_LinearBranchBackward", "_ConvBranchBackward"})
+
+
+def _sum_target(out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The tensor to add the branch into, and whether in place: the base output itself when no backward keeps it
+    (else autograd would fail, or would copy the output gradient for a view), or the (rows, features) result a
+    linear op's output on 3-D input is a view of. On CPU a fresh output-sized result costs more than the sum:
+    page faults on newly mapped memory made an out-of-place ``addmm`` on a 25,088 × 384 output 18 ms against
+    5 ms in place (``python benchmarks/flora.py --in-place``)."""
+    target = out
+    if out._is_view():
+        base = out._base
+        # a view of a tensor that autograd does not track (another function's output made inside it) is no target
+        if base.numel() != out.numel() or not (base.is_contiguous() and out.is_contiguous()) \
+                or base.requires_grad != out.requires_grad:
+            return out, False
+        target = base
+    node = target.grad_fn
+    unkept = type(node).__name__ in _UNKEPT_OUTPUTS if node is not None else not target.requires_grad
+    return (target, True) if unkept and target.is_contiguous() else (out, False)
 
 
 def _numeric_padding(slot: Slot) -> list[int] | None:
@@ -75,6 +102,13 @@ def _grad_like(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Te
     return grad if grad.shape == like.shape else grad.reshape(like.shape)
 
 
+def _unshared_like(x: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor of x's shape to write x's gradient into (through a view of it), so that it is no view
+    itself: autograd then adds the base op's input gradient into it in place instead of allocating the sum
+    (an x-sized allocation and pass fewer per layer)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _folded_grads(grad_down_w, down, pre, need_down, need_pre):
     """Gradients of ``down`` and ``pre`` from that of ``down_w = down · preᵀ`` (rows of down flattened)."""
     down_rows = _cast(down, grad_down_w.dtype).reshape(down.shape[0], -1)
@@ -88,17 +122,22 @@ class _LinearBranch(torch.autograd.Function):
     (r·r_pre·fan_in multiply-adds, no extra activation). Factors are cast to x's dtype, gradients back."""
 
     @staticmethod
-    def forward(ctx, x, out, pre, down, up, mid, alpha):
+    def forward(ctx, x, out, pre, down, up, mid, alpha, in_place):
         dtype = x.dtype
         down_w = _cast(down, dtype).reshape(down.shape[0], -1)
         if pre is not None:
             down_w = torch.mm(down_w, _cast(pre, dtype).t())
         h = _rows(x) @ down_w.t()
         hm = h if mid is None else h * _cast(mid, dtype)
-        result = torch.addmm(_rows(out), hm, _cast(up, dtype).t(), alpha=alpha)
+        if in_place:
+            _rows(out).addmm_(hm, _cast(up, dtype).t(), alpha=alpha)
+            ctx.mark_dirty(out)
+            result = out
+        else:
+            result = torch.addmm(_rows(out), hm, _cast(up, dtype).t(), alpha=alpha)  # viewed outside, tracked
         ctx.save_for_backward(x, h, pre, down, up, mid, down_w)
         ctx.alpha = alpha
-        return result.view(out.shape)
+        return result
 
     @staticmethod
     @once_differentiable
@@ -113,7 +152,10 @@ class _LinearBranch(torch.autograd.Function):
         grad_hm = _scaled(torch.mm(g, _cast(up, dtype)), alpha)
         grad_mid = (grad_hm * h).sum(0) if need_mid else None
         grad_h = grad_hm if mid is None else grad_hm * _cast(mid, dtype)
-        grad_x = torch.mm(grad_h, down_w).view(x.shape) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = _unshared_like(x)
+            torch.mm(grad_h, down_w, out=_rows(grad_x))
         grad_down = grad_pre = None
         if need_down or need_pre:
             grad_down_w = torch.mm(grad_h.t(), _rows(x))
@@ -122,7 +164,7 @@ class _LinearBranch(torch.autograd.Function):
             else:
                 grad_down, grad_pre = _folded_grads(grad_down_w, down, pre, need_down, need_pre)
         return (grad_x, grad if need_out else None, _grad_like(grad_pre, pre), _grad_like(grad_down, down),
-                _grad_like(grad_up, up), _grad_like(grad_mid, mid), None)
+                _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
@@ -138,7 +180,7 @@ def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, st
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A 1×1 conv (stride 1, no padding) mapping x's channels through a (channels, r) matrix, as one bmm on
-    NCHW-contiguous input: oneDNN's rank-r 1×1 conv costs 3-7× as much on CPU, forward and backward
+    NCHW-contiguous input: oneDNN's rank-r 1×1 conv costs 2-4× as much on CPU, forward and backward
     (``python benchmarks/flora.py --pointwise``)."""
     n, channels, rank = x.shape[0], x.shape[1], weight.shape[1]
     if x.is_contiguous():
@@ -156,7 +198,10 @@ def _pointwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                                              [1] * dims, [0] * dims, [1] * dims, need_x, need_weight)
         return grad_x, None if grad_kernel is None else grad_kernel.reshape(rank, channels).t()
     g = grad.reshape(n, rank, -1)
-    grad_x = torch.bmm(weight.expand(n, -1, -1), g).view(x.shape) if need_x else None
+    grad_x = None
+    if need_x:
+        grad_x = _unshared_like(x)
+        torch.bmm(weight.expand(n, -1, -1), g, out=grad_x.view(n, channels, -1))
     grad_weight = torch.bmm(x.view(n, channels, -1), g.transpose(1, 2)).sum(0) if need_weight else None
     return grad_x, grad_weight
 
@@ -168,7 +213,7 @@ class _ConvBranch(torch.autograd.Function):
     gradients back."""
 
     @staticmethod
-    def forward(ctx, x, out, pre, down, up, mid, alpha, geometry, kernel):
+    def forward(ctx, x, out, pre, down, up, mid, alpha, in_place, geometry, kernel):
         dtype, rank, dims = x.dtype, down.shape[0], len(kernel)
         folds = pre is not None and all(k == 1 for k in kernel)
         pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in geometry[0]) and not any(geometry[1])
@@ -181,13 +226,17 @@ class _ConvBranch(torch.autograd.Function):
         hm = h if mid is None else h * _cast(mid, dtype).view(-1, *([1] * dims))
         n = h.shape[0]
         up_w, hm_rows = _cast(up, dtype), hm.reshape(n, rank, -1)
-        if out.is_contiguous():
+        if in_place:
+            out.view(n, out.shape[1], -1).baddbmm_(up_w.expand(n, -1, -1), hm_rows, alpha=alpha)
+            ctx.mark_dirty(out)
+            result = out
+        elif out.is_contiguous():
             result = torch.baddbmm(out.view(n, out.shape[1], -1), up_w.expand(n, -1, -1), hm_rows, alpha=alpha)
         else:  # e.g. a channels-last base output: add the branch in the base's layout
             result = out + _scaled(torch.bmm(up_w.expand(n, -1, -1), hm_rows).view(out.shape), alpha)
         ctx.save_for_backward(x, h_in, h, pre, down, up, mid, down_w)
         ctx.alpha, ctx.geometry, ctx.kernel, ctx.folds, ctx.pointwise = alpha, geometry, kernel, folds, pointwise
-        return result.view(out.shape)
+        return result
 
     @staticmethod
     @once_differentiable
@@ -219,7 +268,7 @@ class _ConvBranch(torch.autograd.Function):
         elif h_in is not None and need_source:
             grad_x, grad_pre = _pointwise_backward(grad_source, x, _cast(pre, dtype), need_x, need_pre)
         return (grad_x if need_x else None, grad if need_out else None, _grad_like(grad_pre, pre),
-                _grad_like(grad_down, down), _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None, None)
+                _grad_like(grad_down, down), _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None, None, None)
 
 
 def _composed(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: torch.Tensor, up: torch.Tensor,
