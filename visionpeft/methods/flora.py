@@ -152,5 +152,5 @@ class FLoRA(Method):
             x = self.dropout(x)
         if slot.op == "conv" and slot.groups != 1:  # exact only through ΔW with the base's groups
             return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
-        # linear or 1×1: add_low_rank_output folds U_in into the core; otherwise it runs as a 1×1 conv first
+        # linear or 1×1: add_low_rank_output folds U_in into the core; otherwise it runs as a 1×1 map first
         return add_low_rank_output(x, out, slot, self.spatial_core(), self.factors[0], self.scale, pre=self.factors[1])
