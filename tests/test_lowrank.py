@@ -232,7 +232,23 @@ def test_two_adapters_on_one_layer_chain_their_sums(host, shape, channels_last):
     weight = layer.weight + delta_a + delta_b
     x_ref = x.detach().clone().requires_grad_(True)
     op = torch.nn.functional.linear if isinstance(layer, nn.Linear) else torch.nn.functional.conv2d
-    op(x_ref, weight, layer.bias, **({} if isinstance(layer, nn.Linear) else {"padding": layer.padding})).square().sum().backward()
+    geometry = {} if isinstance(layer, nn.Linear) else {"padding": layer.padding}
+    op(x_ref, weight, layer.bias, **geometry).square().sum().backward()
     assert max_rel(x.grad, x_ref.grad) < 1e-5
     for name, p in vp.trainable_parameters(model).items():
         assert max_rel(grads[name], p.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("pre_rank,mid", [(None, False), (2, True)])
+def test_out_of_place_sum_on_token_shaped_output(pre_rank, mid):
+    """A transposed token input gives a base output no in-place sum may touch: the branch adds out of place and
+    hands the output gradient back in the output's own shape."""
+    module, slot, x, down, up, mid, pre = _branch_inputs(nn.Linear(6, 5), (3, 2, 6), pre_rank, mid, False,
+                                                         torch.float64)
+    x = x.detach().transpose(0, 1).requires_grad_(True)
+    assert not lowrank._sum_target(module(x))[1]
+    fused, fused_grads, grad = _value_and_grads(lowrank.add_low_rank_output, module, slot, x, down, up, mid, pre)
+    ref, ref_grads, _ = _value_and_grads(lowrank._composed, module, slot, x, down, up, mid, pre, grad=grad)
+    assert torch.allclose(fused, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

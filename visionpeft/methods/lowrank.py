@@ -95,18 +95,14 @@ def _scaled(tensor: torch.Tensor, alpha: float) -> torch.Tensor:
     return tensor if alpha == 1.0 else tensor.mul_(alpha)
 
 
+def _shaped(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
+
+
 def _grad_like(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
     if grad is None:
         return None
-    grad = _cast(grad, like.dtype)
-    return grad if grad.shape == like.shape else grad.reshape(like.shape)
-
-
-def _unshared_like(x: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor of x's shape to write x's gradient into (through a view of it), so that it is no view
-    itself: autograd then adds the base op's input gradient into it in place instead of allocating the sum
-    (an x-sized allocation and pass fewer per layer)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _shaped(_cast(grad, like.dtype), like.shape)
 
 
 def _folded_grads(grad_down_w, down, pre, need_down, need_pre):
@@ -136,7 +132,7 @@ class _LinearBranch(torch.autograd.Function):
         else:
             result = torch.addmm(_rows(out), hm, _cast(up, dtype).t(), alpha=alpha)  # viewed outside, tracked
         ctx.save_for_backward(x, h, pre, down, up, mid, down_w)
-        ctx.alpha = alpha
+        ctx.alpha, ctx.out_shape = alpha, out.shape
         return result
 
     @staticmethod
@@ -152,10 +148,7 @@ class _LinearBranch(torch.autograd.Function):
         grad_hm = _scaled(torch.mm(g, _cast(up, dtype)), alpha)
         grad_mid = (grad_hm * h).sum(0) if need_mid else None
         grad_h = grad_hm if mid is None else grad_hm * _cast(mid, dtype)
-        grad_x = None
-        if need_x:
-            grad_x = _unshared_like(x)
-            torch.mm(grad_h, down_w, out=_rows(grad_x))
+        grad_x = torch.mm(grad_h, down_w).view(x.shape) if need_x else None
         grad_down = grad_pre = None
         if need_down or need_pre:
             grad_down_w = torch.mm(grad_h.t(), _rows(x))
@@ -163,8 +156,8 @@ class _LinearBranch(torch.autograd.Function):
                 grad_down = grad_down_w
             else:
                 grad_down, grad_pre = _folded_grads(grad_down_w, down, pre, need_down, need_pre)
-        return (grad_x, grad if need_out else None, _grad_like(grad_pre, pre), _grad_like(grad_down, down),
-                _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None)
+        return (grad_x, _shaped(grad, ctx.out_shape) if need_out else None, _grad_like(grad_pre, pre),
+                _grad_like(grad_down, down), _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
@@ -198,10 +191,7 @@ def _pointwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                                              [1] * dims, [0] * dims, [1] * dims, need_x, need_weight)
         return grad_x, None if grad_kernel is None else grad_kernel.reshape(rank, channels).t()
     g = grad.reshape(n, rank, -1)
-    grad_x = None
-    if need_x:
-        grad_x = _unshared_like(x)
-        torch.bmm(weight.expand(n, -1, -1), g, out=grad_x.view(n, channels, -1))
+    grad_x = torch.bmm(weight.expand(n, -1, -1), g).view(x.shape) if need_x else None
     grad_weight = torch.bmm(x.view(n, channels, -1), g.transpose(1, 2)).sum(0) if need_weight else None
     return grad_x, grad_weight
 
@@ -236,6 +226,7 @@ class _ConvBranch(torch.autograd.Function):
             result = out + _scaled(torch.bmm(up_w.expand(n, -1, -1), hm_rows).view(out.shape), alpha)
         ctx.save_for_backward(x, h_in, h, pre, down, up, mid, down_w)
         ctx.alpha, ctx.geometry, ctx.kernel, ctx.folds, ctx.pointwise = alpha, geometry, kernel, folds, pointwise
+        ctx.out_shape = out.shape
         return result
 
     @staticmethod
@@ -267,8 +258,9 @@ class _ConvBranch(torch.autograd.Function):
             grad_down, grad_pre = _folded_grads(grad_down_w.reshape(rank, -1), down, pre, need_down, need_pre)
         elif h_in is not None and need_source:
             grad_x, grad_pre = _pointwise_backward(grad_source, x, _cast(pre, dtype), need_x, need_pre)
-        return (grad_x if need_x else None, grad if need_out else None, _grad_like(grad_pre, pre),
-                _grad_like(grad_down, down), _grad_like(grad_up, up), _grad_like(grad_mid, mid), None, None, None, None)
+        return (grad_x if need_x else None, _shaped(grad, ctx.out_shape) if need_out else None,
+                _grad_like(grad_pre, pre), _grad_like(grad_down, down), _grad_like(grad_up, up),
+                _grad_like(grad_mid, mid), None, None, None, None)
 
 
 def _composed(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: torch.Tensor, up: torch.Tensor,
