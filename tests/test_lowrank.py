@@ -252,3 +252,22 @@ def test_out_of_place_sum_on_token_shaped_output(pre_rank, mid):
     assert torch.allclose(fused, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(fused_grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_trains_as_eager():
+    """Under torch.compile the branch is the composed form: the fused functions' gradients did not survive tracing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.Flatten(2), nn.Linear(16, 4))
+    vp.attach(model, "flora", rank=2, targets=[nn.Conv2d, nn.Linear])
+    for p in vp.trainable_parameters(model).values():
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 4, 4)
+    eager = model(x)
+    eager.square().sum().backward()
+    expected = {name: p.grad.clone() for name, p in vp.trainable_parameters(model).items()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)(x)
+    compiled.square().sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    for name, p in vp.trainable_parameters(model).items():
+        assert p.grad is not None and torch.allclose(p.grad, expected[name], atol=1e-5), name

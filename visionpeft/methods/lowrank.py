@@ -4,8 +4,8 @@ The branch ``out + alpha · up · (mid ⊙ down(pre(x)))`` runs as one autograd 
 backward. Built from stock ops, the same branch is 10-20 small aten calls and 8-12 autograd nodes per layer
 (views, casts, transposes, a contiguous copy of ``up``): on a UNet of 278 small adapted layers that host
 work, not the arithmetic, was most of the adapter's step time (``benchmarks/README.md``, FLoRA section).
-The composed form stays for what the function does not cover (autocast, padding modes other than zeros,
-asymmetric "same" padding) and as the reference the tests hold the function to.
+The composed form stays for what the functions do not cover (autocast, torch.compile, padding modes other than
+zeros, asymmetric "same" padding) and as the reference the tests hold the functions to.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def add_low_rank_output(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: to
     that output (:func:`_sum_target`). Backward keeps x (which the base op keeps anyway), the rank-sized
     activations and the factors, never a weight-sized tensor. Gradients are first-order only.
     """
-    if x.dtype != out.dtype or torch.is_autocast_enabled(x.device.type):
+    if x.dtype != out.dtype or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        # under torch.compile the traced graph has no per-op host cost to save, and the functions' in-place sum
+        # and hand-written backward do not survive tracing (the factors got no gradient)
         return _composed(x, out, slot, down, up, mid, pre)
     alpha = 1.0 if isinstance(mid, torch.Tensor) else float(mid)
     mid_vector = mid if isinstance(mid, torch.Tensor) else None
