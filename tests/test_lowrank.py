@@ -31,9 +31,16 @@ def _branch_inputs(module, shape, pre_rank, mid, channels_last, dtype, seed=0):
     return module, slot, x.requires_grad_(True), down, up, mid, pre
 
 
+def _transformers_conv1d(fan_in, out):
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(out, fan_in)
+
+
 CASES = {
     "linear": (lambda: nn.Linear(6, 5), (4, 6)),
     "linear-tokens": (lambda: nn.Linear(6, 5), (2, 3, 6)),
+    "transformers-conv1d": (lambda: _transformers_conv1d(6, 5), (2, 3, 6)),  # GPT-2's transposed linear
     "conv1d-same": (lambda: nn.Conv1d(6, 5, 3, padding="same", dilation=2), (2, 6, 9)),
     "conv2d": (lambda: nn.Conv2d(6, 5, 3, padding=1), (2, 6, 7, 7)),
     "conv2d-strided-dilated": (lambda: nn.Conv2d(6, 5, 3, stride=2, padding=(2, 1), dilation=2), (2, 6, 9, 8)),
