@@ -1,7 +1,8 @@
 """The shared activation path of low-rank updates ΔW = up · diag(mid) · down [· pre] on linear ops and convs.
 
-The branch ``out + alpha · up · (mid ⊙ down(pre(x)))`` runs as one autograd function with a hand-written
-backward. Built from stock ops, the same branch is 10-20 small aten calls and 8-12 autograd nodes per layer
+The branch ``out + alpha · up · (mid ⊙ down(pre(x)))`` runs as one autograd function per op kind (linear,
+conv) with a hand-written backward. Built from stock ops, the same branch is 10-20 small aten calls and 8-12
+autograd nodes per layer
 (views, casts, transposes, a contiguous copy of ``up``): on a UNet of 278 small adapted layers that host
 work, not the arithmetic, was most of the adapter's step time (``benchmarks/README.md``, FLoRA section).
 The composed form stays for what the functions do not cover (autocast, torch.compile, padding modes other than
@@ -207,8 +208,9 @@ class _ConvBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out, pre, down, up, mid, alpha, in_place, geometry, kernel):
         dtype, rank, dims = x.dtype, down.shape[0], len(kernel)
-        folds = pre is not None and all(k == 1 for k in kernel)
-        pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in geometry[0]) and not any(geometry[1])
+        one_by_one = all(k == 1 for k in kernel)
+        folds = pre is not None and one_by_one
+        pointwise = one_by_one and all(s == 1 for s in geometry[0]) and not any(geometry[1])
         down_w = _cast(down, dtype).reshape(rank, -1)
         if folds:
             down_w = torch.mm(down_w, _cast(pre, dtype).t())
