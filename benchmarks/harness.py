@@ -6,7 +6,10 @@ process builds, sets up, warms up and times training steps (forward, loss, backw
 prints one JSON line; the parent runs every configuration (``--repeats`` rounds, interleaved, to
 spread machine noise), takes the median, and prints a markdown table with ratios to the frozen floor
 and to a peer. Peak memory of the training steps (reset after the model is built and the adapter
-attached): ``torch.cuda.max_memory_allocated`` on GPU, peak RSS (VmHWM) on CPU.
+attached): ``torch.cuda.max_memory_allocated`` on GPU, peak RSS (VmHWM) on CPU. On CPU the child also runs one
+more step under the profiler and reads the peak bytes of live tensors from its allocation events, as
+``max_memory_allocated`` counts on GPU: RSS also holds what glibc keeps of freed memory (which depends on
+the sizes a method frees, not only on what it keeps) and the compiler's own memory where code is compiled.
 """
 from __future__ import annotations
 
@@ -76,6 +79,35 @@ def peak_memory_mb(device: str) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak, KiB on Linux
 
 
+def step(model, optimizer, inputs, target, loss_fn) -> None:
+    loss = loss_fn(model, inputs, target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def live_peak_mb(model, optimizer, one_step: Callable[[], None]) -> float:
+    """Peak MB of live tensors during ``one_step()``, parameters, buffers and optimizer state included: what
+    ``torch.cuda.max_memory_allocated`` counts on GPU. The profiler's allocation events carry a running total
+    of the bytes allocated (and not yet freed) since profiling began; the model's and the optimizer's tensors
+    are added to it. (A dispatch-mode tracker would change what it measures: compiled code runs eagerly under
+    one.) The profiler slows the step: never timed; call once per process."""
+    from torch._C._profiler import _EventType
+
+    tensors = (*model.parameters(), *model.buffers(),
+               *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)))
+    existing = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        one_step()
+    peak, nodes = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            peak = max(peak, node.extra_fields.total_allocated)
+    return (existing + peak) / 2**20
+
+
 def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters, on CPU as on GPU. PyTorch's CPU default loops over the tensors,
@@ -88,17 +120,17 @@ def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = loss_fn(model, inputs, target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(model, optimizer, inputs, target, loss_fn)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    peak_mb = peak_memory_mb(device)
     return {
         "step_s": statistics.median(times),
-        "peak_mb": peak_memory_mb(device),
+        "peak_mb": peak_mb,
+        "live_peak_mb": peak_mb if device.startswith("cuda") else live_peak_mb(
+            model, optimizer, lambda: step(model, optimizer, inputs, target, loss_fn)),
         "trainable": sum(p.numel() for p in params),
         "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
     }
@@ -183,11 +215,12 @@ def _run_workload(args, workload_name: str, floor: str, peer: str) -> list[dict]
                 raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             runs[name].append(json.loads(line[len("RESULT "):]))
             print(f"  {workload_name} round {round_ + 1}: {name:<16} {runs[name][-1]['step_s']:.3f} s/step  "
-                  f"{runs[name][-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+                  f"{runs[name][-1]['peak_mb']:.0f} MB, live {runs[name][-1]['live_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     rows = []
     for name, results in runs.items():
         rows.append({"config": name, "step_s": statistics.median(r["step_s"] for r in results),
                      "peak_mb": statistics.median(r["peak_mb"] for r in results),
+                     "live_peak_mb": statistics.median(r["live_peak_mb"] for r in results),
                      "trainable": results[0]["trainable"], "optimizer_state": results[0]["optimizer_state"],
                      "setup_s": statistics.median(r["setup_s"] for r in results),
                      "machine": results[0]["machine"]})
@@ -197,22 +230,29 @@ def _run_workload(args, workload_name: str, floor: str, peer: str) -> list[dict]
 def render(rows: list[dict], floor: str, peer: str, title: str, args) -> str:
     by = {r["config"]: r for r in rows}
     f, p = by.get(floor), by.get(peer)
+    # on GPU the peak is already that of live tensors; on CPU both are shown
+    memories = [("peak_mb", "peak memory")] + ([] if args.device.startswith("cuda") else [("live_peak_mb", "live tensors")])
+    header = "".join(f"| {label} (MB) | above floor (MB) | ÷ {peer}'s overhead " for _, label in memories)
     lines = [f"### {title}", "",
              f"Machine: {rows[0]['machine']}; median of {args.steps} steps after {args.warmup} warm-up, "
              f"median over {args.repeats} interleaved rounds; each configuration in its own process.", "",
              f"| configuration | trainable params | optimizer state (elements) | attach (s) | step (s) | × floor | × {peer} "
-             f"| peak memory (MB) | above floor (MB) | ÷ {peer}'s overhead |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             + header + "|",
+             "|---|---:|---:|---:|---:|---:|---:" + "|---:|---:|---:" * len(memories) + "|"]
+
     def ratio(a, b):
         return f"{a / b:.2f}" if b else "–"
 
+    def memory(r, key):
+        over = r[key] - f[key] if f else None
+        peer_over = p[key] - f[key] if (p and f) else None
+        return (f"| {r[key]:.0f} | {'–' if over is None else f'{over:+.0f}'} | "
+                f"{ratio(over, peer_over) if (over is not None and peer_over and peer_over > 0) else '–'} ")
+
     for r in rows:
-        over = r["peak_mb"] - f["peak_mb"] if f else None
-        peer_over = p["peak_mb"] - f["peak_mb"] if (p and f) else None
         lines.append(
             f"| {r['config']} | {r['trainable']:,} | {r['optimizer_state']:,} | {r.get('setup_s', float('nan')):.2f} | "
-            f"{r['step_s']:.3f} | {ratio(r['step_s'], f and f['step_s'])} | {ratio(r['step_s'], p and p['step_s'])} | "
-            f"{r['peak_mb']:.0f} | {'–' if over is None else f'{over:+.0f}'} | "
-            f"{ratio(over, peer_over) if (over is not None and peer_over and peer_over > 0) else '–'} |"
+            f"{r['step_s']:.3f} | {ratio(r['step_s'], f and f['step_s'])} | {ratio(r['step_s'], p and p['step_s'])} "
+            + "".join(memory(r, key) for key, _ in memories) + "|"
         )
     return "\n".join(lines)

@@ -10,9 +10,11 @@ penalty on one random layer; zero for the others). Configurations:
 * ``floor``: trunk frozen, activation gradients only (the reference for memory overhead);
 * ``full``: every parameter in AdamW;
 * ``lora``: visionpeft LoRA rank 8 on the family preset;
-* ``sara``: SaRA on the preset layers with ``budget`` = LoRA's trainable count (default: the weight path,
-  rebuilt in backward); ``sara-sparse``: the same with ``path="sparse"`` on linear ops (CSR products,
-  sampled dW); ``sara-all``: ``targets="all"`` (every tensor, as the paper) at the same budget;
+* ``sara``: SaRA on the preset layers with ``budget`` = LoRA's trainable count (``path="auto"``: linear
+  ops at <= 10 % density compute only the selected entries of dW, everything else takes the weight path,
+  W + ΔW rebuilt in backward); ``sara-weight``: the weight path everywhere (the dense dW gathered);
+  ``sara-sparse``: ``path="sparse"`` on linear ops (CSR products); ``sara-all``: ``targets="all"`` (every
+  tensor, as the paper) at the same budget;
 * ``masked``: LT-SFT-style dense masked sparse tuning: the preset weights themselves in AdamW with a
   gradient hook that zeroes every entry outside the same smallest-magnitude selection (a dense bool mask).
 
@@ -20,7 +22,7 @@ The targets in the issue: memory overhead above the floor ≤ 0.3× full's and �
 ≤ 1.2× LoRA's.
 
     python benchmarks/sara.py [--workloads unet sd15_unet vit_s16] [--device cuda] [--out FILE]
-    python benchmarks/sara.py --backprop    # one linear layer: weight path vs sparse path (fwd + bwd)
+    python benchmarks/sara.py --backprop    # one linear layer: weight, sampled and sparse paths (fwd + bwd)
 """
 from __future__ import annotations
 
@@ -92,32 +94,48 @@ def masked(model, workload):
     return model
 
 
-CONFIGS = {"floor": frozen_floor, "full": full, "lora": lora, "sara": sara(), "sara-sparse": sara(path="sparse"),
+CONFIGS = {"floor": frozen_floor, "full": full, "lora": lora, "sara": sara(), "sara-weight": sara(path="weight"),
+           "sara-sparse": sara(path="sparse"),
            "sara-all": sara(targets="all"), "masked": masked}
 
 
-def backprop_benchmark(repeats: int = 10) -> str:
-    """Forward + backward of one linear layer with SaRA on the weight path and on the sparse path."""
+def backprop_benchmark(repeats: int = 10, only_conv: bool = False) -> str:
+    """Forward + backward of one linear or conv layer with SaRA on each path, x needing a gradient (the
+    sparse path is linear-only: on a conv it measures the weight path)."""
     import copy
 
     import visionpeft as vp
 
-    lines = ["| (out, in), tokens | density | weight path (ms) | sparse path (ms) |", "|---|---:|---:|---:|"]
-    for (out, fan_in, tokens) in [(320, 320, 2048), (1280, 1280, 512), (2560, 640, 1024)]:
-        for density in (0.05, 0.01):
+    paths = ("weight", "sampled", "sparse")
+    lines = ["| (out, in[, kernel]), tokens or (batch, h, w) | density | " + " | ".join(f"{p} path (ms)" for p in paths) + " | sampled ÷ weight |",
+             "|---|---:|" + "---:|" * (len(paths) + 1)]
+    layers = [((1536, 384), 1576), ((384, 1536), 1576), ((320, 320), 2048), ((1280, 1280), 512),
+              ((256, 256, 3), (2, 16, 16)), ((640, 640, 3), (1, 8, 8)), ((1280, 1280, 3), (1, 4, 4))]
+    if only_conv:
+        layers = [layer for layer in layers if len(layer[0]) == 3]
+    for shape, tokens in layers:
+        for density in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3):
             torch.manual_seed(0)
-            base = torch.nn.Sequential(torch.nn.Linear(fan_in, out))
-            x = torch.randn(tokens, fan_in, requires_grad=True)
-            times = {}
-            for path in ("weight", "sparse"):
+            if len(shape) == 3:  # (out, in, kernel) conv on (batch, height, width)
+                out, fan_in, kernel = shape
+                base = torch.nn.Sequential(torch.nn.Conv2d(fan_in, out, kernel, padding=kernel // 2))
+                x = torch.randn(tokens[0], fan_in, *tokens[1:], requires_grad=True)
+            else:
+                out, fan_in = shape
+                base = torch.nn.Sequential(torch.nn.Linear(fan_in, out))
+                x = torch.randn(tokens, fan_in, requires_grad=True)
+            times = {"sparse": float("nan")}  # the sparse path is linear-only
+            for path in paths if len(shape) == 2 else paths[:2]:
                 model = vp.attach(copy.deepcopy(base), "sara", targets=["0"], density=density, path=path)
                 times[path] = median_ms(lambda: model(x).square().mean().backward(), repeats, warmup=2)
-            lines.append(f"| ({out}, {fan_in}), {tokens} | {density} | {times['weight']:.1f} | {times['sparse']:.1f} |")
+            lines.append(f"| {shape}, {tokens} | {density} | "
+                         + " | ".join(f"{times[p]:.1f}" for p in paths) + f" | {times['sampled'] / times['weight']:.2f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if "--backprop" in sys.argv:
-        print(backprop_benchmark())
+        print(backprop_benchmark(only_conv="--conv" in sys.argv))
     else:
         main(CONFIGS, WORKLOADS, floor="floor", peer="lora")

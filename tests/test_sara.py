@@ -1,6 +1,8 @@
 """SaRA: selection of small weights, exact start, sparse backprop, rank penalty, progressive re-selection,
 weighted merges and base-weight safety on load."""
 import copy
+import importlib
+import warnings
 import weakref
 
 import pytest
@@ -73,7 +75,7 @@ def test_bad_options_raise_before_anything_changes(options, message):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("path", ["sparse", "weight"])
+@pytest.mark.parametrize("path", ["sparse", "sampled", "weight"])
 def test_sparse_backprop_leaves_no_dense_gradient_and_paths_agree(path):
     base = mlp()
     x = torch.randn(8, 96, requires_grad=True)
@@ -132,8 +134,9 @@ def test_rank_penalty_is_the_nuclear_norm_of_one_layer_and_reaches_the_values():
     assert vp.regularization(vp.attach(mlp(), "sara", targets=[nn.Linear], lambda_rank=0.0)).item() == 0
 
 
-def test_progressive_reselection_freezes_grown_entries_and_keeps_optimizer_state():
-    model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=0.2, progressive_at=0.5)
+@pytest.mark.parametrize("path", ["auto", "sampled"])
+def test_progressive_reselection_freezes_grown_entries_and_keeps_optimizer_state(path):
+    model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=0.2, progressive_at=0.5, path=path)
     methods = instances(model)
     with torch.no_grad():
         for m in methods:
@@ -336,3 +339,139 @@ def test_weight_path_keeps_no_weight_copy_and_gradients_are_exact(layer, shape, 
     kind.run(base[0], type(base[0]).forward, (reference_x,), {}, {"weight": reference}).square().sum().backward()
     assert max_rel(method.values.grad, reference.grad.reshape(-1)[method.indices.long()]) < 1e-5
     assert max_rel(x.grad, reference_x.grad) < 1e-5
+
+
+class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Shapes of every matrix product's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("density, sampled", [(0.05, True), (0.5, False)])
+def test_auto_path_computes_no_dense_weight_gradient_on_sparse_linear_layers(density, sampled, monkeypatch):
+    sara_module = importlib.import_module("visionpeft.methods.sara")  # vp.methods is a function
+
+    calls = []
+    real = sara_module.sampled_weight_gradient
+    monkeypatch.setattr(sara_module, "sampled_weight_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=density)
+    loss = model(torch.randn(8, 96, requires_grad=True)).square().sum()
+    with _MatmulShapes() as products:
+        loss.backward()
+    weight_shapes = {tuple(layer.weight.shape) for layer in model if isinstance(layer, nn.Linear)}
+    dense_weight_gradients = [s for s in products.shapes if s in weight_shapes]
+    assert len(calls) == (3 if sampled else 0)
+    assert bool(dense_weight_gradients) != sampled, products.shapes
+
+
+def _tiny_vit():
+    return build("timm_vit", embed_dim=32, depth=1, num_heads=2, img_size=16, patch_size=8)[0], torch.randn(2, 3, 16, 16), None
+
+
+def _tiny_gpt2():
+    return build("gpt2")[0], torch.randint(0, 50, (2, 7)), None
+
+
+def _inplace_relu_mlp():
+    return nn.Sequential(nn.Linear(24, 40), nn.ReLU(inplace=True), nn.Linear(40, 6)), torch.randn(3, 5, 24), [nn.Linear]
+
+
+def _convs():
+    """Stride, dilation, an even kernel with (asymmetric) "same" padding, a 1×1 conv."""
+    return nn.Sequential(nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(10, 8, (3, 2), dilation=2, padding="same"), nn.Conv2d(8, 4, 1)), \
+        torch.randn(2, 6, 9, 11), [nn.Conv2d]
+
+
+def _unbatched_conv():
+    return nn.Sequential(nn.Conv2d(5, 7, 3, padding=(2, 1))), torch.randn(5, 6, 6), [nn.Conv2d]
+
+
+@pytest.mark.parametrize("make", [_tiny_vit, _tiny_gpt2, _inplace_relu_mlp, _convs, _unbatched_conv],
+                         ids=["vit-fused-qkv", "gpt2-conv1d", "inplace-relu", "conv2d", "unbatched-conv2d"])
+def test_sampled_gradient_equals_the_gathered_dense_one(make):
+    """Fused q/k/v blocks (each its own rows of the output), transposed Conv1D weights, token-shaped inputs,
+    an in-place op on the tapped output, and 2-D convs of several geometries."""
+    torch.manual_seed(0)
+    base, x, targets = make()
+    base.eval()  # no dropout: both models must see the same function
+    reference = vp.attach(copy.deepcopy(base), "sara", targets=targets, density=0.05, path="weight")
+    perturb(reference)
+    model = vp.attach(copy.deepcopy(base), "sara", targets=targets, density=0.05, path="sampled")
+    model.load_state_dict(reference.state_dict())
+
+    def loss(m):
+        out = m(x)
+        return (out.logits if hasattr(out, "logits") else out).square().mean()
+
+    loss(model).backward()
+    loss(reference).backward()
+    ours, theirs = instances(model), instances(reference)
+    assert len(ours) == len(theirs) >= 1
+    for a, b in zip(ours, theirs):
+        slot = _slot_of(model, a)
+        assert a.gradient_from_output(slot) and not b.gradient_from_output(slot)
+        if a.values.numel():  # a small layer may have nothing selected
+            assert max_rel(a.values.grad, b.values.grad) < 1e-5
+        else:
+            assert a.values.grad.shape == (0,)
+    assert any(a.values.numel() for a in ours)
+    assert all(p.grad is None for p in base_weights(model))
+
+
+def _slot_of(model, method):
+    for _, layer in model.named_modules():
+        if hasattr(layer, "vp_adapters"):
+            for _, slot_name, m in layer.vp_methods():
+                if m is method:
+                    return layer._vp_slots[slot_name]
+    raise LookupError
+
+
+def test_sampled_gradient_on_a_bfloat16_base_is_float32_and_close():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16)
+    x = torch.randn(10, 64, dtype=torch.bfloat16)
+    model = vp.attach(copy.deepcopy(base), "sara", targets=["0"], density=0.05, path="sampled")
+    method = instances(model)[0]
+    g = torch.randn(10, 48)
+    model(x).backward(g.to(torch.bfloat16))
+    exact = (g.double().t() @ x.double()).reshape(-1)[method.indices.long()]
+    assert method.values.grad.dtype == torch.float32
+    assert max_rel(method.values.grad, exact) < 1e-2
+
+
+def test_sampled_gradient_falls_back_to_the_dense_product_when_compiling_fails(monkeypatch):
+    sampled = importlib.import_module("visionpeft.layers.sampled")
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(sampled, "_compiled", broken)
+    monkeypatch.setattr(sampled, "_compiled_works", None)
+    g, x = torch.randn(9, 5), torch.randn(9, 7)
+    rows, cols = torch.tensor([0, 2, 4]), torch.tensor([6, 0, 3])
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        first = sampled.sampled_weight_gradient(g, x, rows, cols, torch.float32)
+    assert sampled._compiled_works is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        second = sampled.sampled_weight_gradient(g, x, rows, cols, torch.float32)
+    expected = (g.t() @ x)[rows, cols]
+    assert torch.allclose(first, expected) and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("layer", [lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                                   lambda: nn.Conv1d(4, 6, 3), lambda: nn.Conv3d(4, 6, 3)],
+                         ids=["grouped", "reflect-padding", "conv1d", "conv3d"])
+def test_sampled_path_leaves_other_convs_on_the_weight_path(layer):
+    model = vp.attach(nn.Sequential(layer()), "sara", targets=["0"], density=0.05, path="sampled")
+    assert not instances(model)[0].gradient_from_output(model[0]._vp_slots["weight"])

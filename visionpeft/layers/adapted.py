@@ -2,11 +2,15 @@
 parameters and its state_dict keys; adapters live under the new child ``vp_adapters``.
 
 Attaching swaps the module's class for a subclass ``Adapted<Class>`` whose forward runs the base
-op with ``W + ΔW`` (weight path) and/or adds a method's output delta (activation path). Detaching
-swaps the class back. ``isinstance`` checks of the host code keep working throughout.
+op with ``W + ΔW`` (weight path) and/or adds a method's output delta (activation path). A method that is
+the only adapter on a slot may take its gradient from the op's input and output gradient instead of
+through the weight (``gradient_from_output``: the op then runs with a constant ``W + ΔW`` and computes no
+weight gradient). Detaching swaps the class back. ``isinstance`` checks of the host code keep working throughout.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import sys
 from typing import Any, Iterator
 
@@ -46,22 +50,37 @@ class AdaptedLayer:
         x = args[0] if kind.single_input and args else None
         weights: dict[str, torch.Tensor] = {}
         output_deltas = []
+        taps = []  # (method, slot, its rows of the output): gradient from the op's input and output gradient
+        adapters_per_slot = collections.Counter(slot_name for _, slots in active for slot_name in slots)
+
+        def effective(method: nn.Module, base: torch.Tensor, slot_name: str, rows: slice) -> torch.Tensor:
+            slot = self._vp_slots[slot_name]
+            if x is not None and adapters_per_slot[slot_name] == 1 and method.gradient_from_output(slot):
+                taps.append((method, slot, rows))
+                with torch.no_grad():
+                    return method.effective_weight(base)
+            return method.effective_weight(base)
+
         for _, slots in active:
             for slot_name, methods in slots.items():
                 slot = self._vp_slots[slot_name]
                 if isinstance(methods, nn.ModuleList):  # fused projection adapted per block
                     base = weights.get(slot_name, kind.read(self, slot_name))
                     parts = base.split(slot.block_split(), dim=0)
-                    weights[slot_name] = _fused([m.effective_weight(p) for m, p in zip(methods, parts)])
+                    starts = itertools.accumulate((p.shape[0] for p in parts), initial=0)
+                    weights[slot_name] = _fused([effective(m, p, slot_name, slice(start, start + p.shape[0]))
+                                                 for m, p, start in zip(methods, parts, starts)])
                 elif x is not None and methods.uses_activation_path(slot):
                     output_deltas.append((methods, slot))
                 else:
                     base = weights.get(slot_name, kind.read(self, slot_name))
-                    weights[slot_name] = methods.effective_weight(base)
+                    weights[slot_name] = effective(methods, base, slot_name, slice(None))
         if weights:
             out = kind.run(self, base_forward, args, kwargs, weights)
         else:
             out = base_forward(self, *args, **kwargs)
+        for method, slot, rows in taps:
+            out = method.tap_output(x, out, slot, rows)
         for method, slot in output_deltas:
             out = method.add_output_delta(x, out, slot)
         return out

@@ -55,6 +55,7 @@ class Method(nn.Module):
 
     Subclasses set ``name`` and ``options`` and implement :meth:`delta`. They may also provide
     :meth:`uses_activation_path`/:meth:`add_output_delta` (an activation path, used when cheaper than building the delta),
+    :meth:`gradient_from_output`/:meth:`tap_output` (a weight path whose gradient skips the dense weight gradient),
     :meth:`penalty` and the model-wide hooks :meth:`prepare`, :meth:`model_penalty` and
     :meth:`model_step`, which receive every instance of the method but never the model.
     """
@@ -82,6 +83,17 @@ class Method(nn.Module):
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         """``out`` (the base op's output for ``x``, owned by the caller) plus this adapter's
         contribution; may add in place."""
+        raise NotImplementedError
+
+    def gradient_from_output(self, slot: Slot) -> bool:
+        """True when the op should run with :meth:`effective_weight` as a constant and :meth:`tap_output`
+        give the parameters their gradient from the op's input and output gradient (only asked where the
+        method is the sole adapter on a single-input slot)."""
+        return False
+
+    def tap_output(self, x: torch.Tensor, out: torch.Tensor, slot: Slot, rows: slice) -> torch.Tensor:
+        """``out`` (the op's output for ``x``, owned by the caller) unchanged, routed so that backward gives
+        this method's parameters their gradient; ``rows`` are this method's output features in ``out``."""
         raise NotImplementedError
 
     def fit_delta(self, delta: torch.Tensor) -> None:

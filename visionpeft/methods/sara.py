@@ -17,32 +17,39 @@ The layer runs with ``W0 + scatter(values − original)``, rebuilt every forward
 the delta for merge/unmerge/``scale`` is ``scatter(values − original)``, and ``values`` is an ordinary
 leaf: gradient accumulation, clipping, DDP/FSDP and ``model.parameters()`` all see it.
 
-Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is nnz-sized. Two paths:
+Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is nnz-sized. Paths:
 
 * ``"weight"`` (every layer kind): a custom autograd function copies W and index-adds the value change
   in forward; backward returns only the gathered gradient ``dW[indices]`` (the dense dW of one layer
   exists transiently inside that layer's backward, as in the reference). The op does not keep the
   weight-sized copy for backward: it saves a recipe and rebuilds the copy when backward needs it
   (``layers.kinds.rebuilt_on_backward``; a clone and an index_add, cheap next to the matmuls).
+* ``"sampled"`` (linear ops and ungrouped zero-padded 2-D convs, where SaRA is the only adapter on the
+  weight): the op runs with W + ΔW as a constant, so it computes no weight gradient, and an output tap
+  (:class:`_SampledGradientTap`) computes only the selected entries ``dW[i, j] = Σ_t g[t, i] · x[t, j]``
+  (``layers.sampled``: a gather-dot compiled by inductor, nothing entries × tokens materialized; a conv's
+  x is its unfolded input, one batch chunk at a time).
 * ``"sparse"`` (linear ops, float32/64): the base op runs unchanged and the change is added to its
-  output as ``x · ΔWᵀ`` with ΔW a CSR matrix; backward computes only the selected entries of dW
-  (``dW[i, j] = Σ_t g[t, i] · x[t, j]``, ``torch.sparse.sampled_addmm``) and ``g · ΔW`` sparsely.
-  No weight-sized tensor is built, kept or returned.
+  output as ``x · ΔWᵀ`` with ΔW a CSR matrix; backward computes the selected entries of dW with
+  ``torch.sparse.sampled_addmm`` and ``g · ΔW`` sparsely. No weight-sized tensor is built, kept or returned.
+* ``"auto"`` (default): sampled where it applies and the layer trains at most ``SAMPLED_MAX_DENSITY``
+  (10 %) of its entries, weight everywhere else.
 
 Measured (``python benchmarks/sara.py --backprop``: forward + backward of one linear layer, x needing a
-gradient; 1 CPU thread on 2 shared cores, so ±20 %; ms, median of 10):
+gradient, 2 CPU threads; ms, median of 10):
 
-    (out, in), tokens      density   weight path   sparse path
-    (320, 320), 2048        0.05         68            98
-    (320, 320), 2048        0.01         67            84
-    (1280, 1280), 512       0.05        258           248
-    (1280, 1280), 512       0.01        160           198
-    (2560, 640), 1024       0.05        493           542
-    (2560, 640), 1024       0.01        492           474
+    (out, in), tokens      density   weight   sampled   sparse
+    (1536, 384), 1576       0.03       95        80       101
+    (1536, 384), 1576       0.1        93        83       122
+    (1536, 384), 1576       0.3        92       101       196
+    (384, 1536), 1576       0.03       87        72       105
+    (384, 1536), 1576       0.2        88        98       175
+    (1280, 1280), 512       0.05       83        66        83
+    (1280, 1280), 512       0.3        86        93       184
 
-On CPU torch's CSR products are no faster than the dense dW they avoid (the sparse path also runs the
-base op's own backward for x), so ``path="auto"`` takes the weight path everywhere and ``"sparse"`` is
-opt-in (worth measuring on GPUs, and it keeps no weight copy for backward).
+The sampled gradient wins below about 15 % of the entries and loses above 20 %; torch's CSR products
+are no faster than the dense dW they avoid (they also run the base op's own backward for x), so
+``"sparse"`` is opt-in (worth measuring on GPUs).
 
 Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the current values
 scattered into a zero matrix; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE eligible
@@ -72,6 +79,7 @@ import torch
 from torch import nn
 
 from visionpeft.layers.kinds import Slot, rebuildable
+from visionpeft.layers.sampled import sampled_conv2d_weight_gradient, sampled_weight_gradient
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, register
 
 DEFAULT_DENSITY = 0.05
@@ -97,8 +105,14 @@ def _fraction(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
+PATHS = ("auto", "weight", "sampled", "sparse")
+#: the largest fraction of a linear weight's entries at which ``path="auto"`` takes the sampled gradient: it
+#: measured 2-4x faster than the dense gᵀx at 3-5 %, and slower above about 20 % (``benchmarks/sara.py --backprop``)
+SAMPLED_MAX_DENSITY = 0.1
+
+
 def _path(value: Any) -> bool:
-    return value in ("auto", "weight", "sparse")
+    return value in PATHS
 
 
 def fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -174,6 +188,33 @@ class _ScatterAdd(torch.autograd.Function):
         return grad_weight, grad_source, None
 
 
+class _SampledGradientTap(torch.autograd.Function):
+    """The op's output unchanged; backward gives the values the selected entries of gᵀx (and g passes on)."""
+
+    @staticmethod
+    def forward(ctx, out, x, values, method, slot, rows):
+        ctx.save_for_backward(x)
+        ctx.method, ctx.slot, ctx.rows = method, slot, rows
+        ctx.mark_dirty(out)  # returned as itself, not as a view, so later in-place ops on it stay legal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        method, slot = ctx.method, ctx.slot
+        fan_in = math.prod(method.slot_shape[1:])
+        rows, cols = method.indices // fan_in, method.indices % fan_in
+        if slot.op == "linear":
+            grad_values = sampled_weight_gradient(grad[..., ctx.rows], x, rows, cols, method.values.dtype)
+        else:  # an ungrouped 2-D convolution (SaRA.gradient_from_output); output channels are dim -3
+            grad_values = sampled_conv2d_weight_gradient(grad[..., ctx.rows, :, :], x, rows, cols, method.values.dtype,
+                                                         slot.kernel_size, slot.stride, slot.dilation,
+                                                         slot.reversed_padding)
+        if method.progressive:
+            grad_values.masked_fill_(method.frozen, 0)
+        return grad, None, grad_values, None, None, None
+
+
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -217,9 +258,12 @@ class SaRA(Method):
                               "weight of the nuclear-norm penalty (release: 5e-4; paper appendix: 5e-3)"),
         "progressive_at": Option(0.5, _fraction, "a number in (0, 1]",
                                  "fraction of training after which grown entries freeze; 1.0 disables"),
-        "path": Option("auto", _path, "'auto', 'weight' or 'sparse'",
-                       "'sparse': linear ops add x·ΔWᵀ with only the selected dW entries; 'auto'/'weight': "
-                       "the op runs with W + ΔW (measured faster on CPU; see the module docstring)"),
+        "path": Option("auto", _path, " or ".join(map(repr, PATHS)),
+                       "'weight': the op runs with W + ΔW and the values' gradient is gathered from the dense dW; "
+                       "'sampled' (linear ops, ungrouped 2-D convs): only the selected entries of dW are computed; "
+                       f"'auto': sampled where it applies and <= {SAMPLED_MAX_DENSITY:.0%} of the entries train, "
+                       "weight elsewhere; "
+                       "'sparse' (linear ops): x·ΔWᵀ added with CSR products"),
     }
 
     def __init__(self, slot: Slot, threshold: float | None, density: float | None, budget: int | None,
@@ -314,6 +358,17 @@ class SaRA(Method):
 
     def uses_activation_path(self, slot: Slot) -> bool:
         return self.path == "sparse" and slot.op == "linear" and slot.dtype in (torch.float32, torch.float64)
+
+    def gradient_from_output(self, slot: Slot) -> bool:
+        conv2d = slot.op == "conv" and len(slot.shape) == 4 and slot.groups == 1 and slot.padding_mode == "zeros"
+        if not (slot.op == "linear" or conv2d) or self.path not in ("auto", "sampled"):
+            return False
+        return self.path == "sampled" or self.values.numel() <= SAMPLED_MAX_DENSITY * math.prod(self.slot_shape)
+
+    def tap_output(self, x: torch.Tensor, out: torch.Tensor, slot: Slot, rows: slice) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.values.requires_grad):
+            return out
+        return _SampledGradientTap.apply(out, x, self.values, self, slot, rows)
 
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         crow, col = self._csr()
