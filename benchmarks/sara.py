@@ -78,6 +78,15 @@ def sara(targets=None, path="auto"):
     return setup
 
 
+def sara_linear_only(model, workload):
+    """``sara`` with the sampled gradient on linear ops only (convs on the weight path): an ablation."""
+    from visionpeft.methods.sara import SaRA
+
+    sampled = SaRA.gradient_from_output
+    SaRA.gradient_from_output = lambda self, slot: slot.op == "linear" and sampled(self, slot)
+    return sara()(model, workload)
+
+
 def masked(model, workload):
     """Dense masked sparse tuning (LT-SFT style): whole weights in AdamW, gradients masked to the selection."""
     from visionpeft.methods.sara import global_threshold
@@ -95,6 +104,7 @@ def masked(model, workload):
 
 
 CONFIGS = {"floor": frozen_floor, "full": full, "lora": lora, "sara": sara(), "sara-weight": sara(path="weight"),
+           "sara-linear-only": sara_linear_only,
            "sara-sparse": sara(path="sparse"),
            "sara-all": sara(targets="all"), "masked": masked}
 
