@@ -89,9 +89,9 @@ def step(model, optimizer, inputs, target, loss_fn) -> None:
 def live_peak_mb(model, optimizer, one_step: Callable[[], None]) -> float:
     """Peak MB of live tensors during ``one_step()``, parameters, buffers and optimizer state included: what
     ``torch.cuda.max_memory_allocated`` counts on GPU. The profiler's allocation events carry a running total
-    of the bytes allocated (and not yet freed) since profiling began; the model's and the optimizer's tensors
-    are added to it. (A dispatch-mode tracker would change what it measures: compiled code runs eagerly under
-    one.) The profiler slows the step: never timed; call once per process."""
+    of the bytes allocated (and not yet freed) while profiling; its rise during the step is added to the
+    model's and the optimizer's tensors. (A dispatch-mode tracker would change what it measures: compiled code
+    runs eagerly under one.) The profiler slows the step: never timed."""
     from torch._C._profiler import _EventType
 
     tensors = (*model.parameters(), *model.buffers(),
@@ -99,12 +99,18 @@ def live_peak_mb(model, optimizer, one_step: Callable[[], None]) -> float:
     existing = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         one_step()
-    peak, nodes = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    allocations, nodes = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
         nodes.extend(node.children)
         if node.tag == _EventType.Allocation:
-            peak = max(peak, node.extra_fields.total_allocated)
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+    if not allocations:
+        return existing / 2**20
+    allocations.sort()
+    _, first_size, first_total = allocations[0]
+    before = first_total - first_size  # the running total persists across profiling sessions
+    peak = max(total for _, _, total in allocations) - before
     return (existing + peak) / 2**20
 
 
