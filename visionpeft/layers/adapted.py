@@ -9,7 +9,6 @@ weight gradient). Detaching swaps the class back. ``isinstance`` checks of the h
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import sys
 from typing import Any, Iterator
@@ -51,11 +50,11 @@ class AdaptedLayer:
         weights: dict[str, torch.Tensor] = {}
         output_deltas = []
         taps = []  # (method, slot, its rows of the output): gradient from the op's input and output gradient
-        adapters_per_slot = collections.Counter(slot_name for _, slots in active for slot_name in slots)
 
         def effective(method: nn.Module, base: torch.Tensor, slot_name: str, rows: slice) -> torch.Tensor:
             slot = self._vp_slots[slot_name]
-            if x is not None and adapters_per_slot[slot_name] == 1 and method.gradient_from_output(slot):
+            if x is not None and method.gradient_from_output(slot) \
+                    and sum(slot_name in slots for _, slots in active) == 1:  # the sole adapter on this slot
                 taps.append((method, slot, rows))
                 with torch.no_grad():
                     return method.effective_weight(base)

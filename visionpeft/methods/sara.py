@@ -106,7 +106,7 @@ def _fraction(value: Any) -> bool:
 
 
 PATHS = ("auto", "weight", "sampled", "sparse")
-#: the largest fraction of a linear weight's entries at which ``path="auto"`` takes the sampled gradient: it
+#: the largest fraction of a layer's entries at which ``path="auto"`` takes the sampled gradient: the gather-dot
 #: measured 2-4x faster than the dense gᵀx at 3-5 %, and slower above about 20 % (``benchmarks/sara.py --backprop``)
 SAMPLED_MAX_DENSITY = 0.1
 
