@@ -6,7 +6,8 @@
 __version__ = "0.1.0"
 
 from visionpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
-from visionpeft.core import attach, detach, merge, methods, regularization, step, trainable_parameters, unmerge
+from visionpeft.by_name import adapters, delete, disabled, merge, set_active, unmerge
+from visionpeft.core import attach, detach, methods, regularization, step, trainable_parameters
 from visionpeft.extract import extract
 from visionpeft.io import load, save
 from visionpeft.sparsity import sparsity_report
@@ -15,4 +16,5 @@ from visionpeft.summary import summary
 __all__ = [
     "__version__", "methods", "attach", "trainable_parameters", "summary", "merge", "unmerge", "detach",
     "save", "load", "regularization", "step", "extract", "sparsity_report",
+    "adapters", "set_active", "disabled", "delete",
 ]

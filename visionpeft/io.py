@@ -163,8 +163,9 @@ def _plan_from_record(model: nn.Module, raw: Any) -> Plan:
     missing = [m for m in record.unfreeze if m not in modules]
     if missing:
         raise ValueError(f"adapter {record.name!r} unfreezes module(s) {missing} that this model does not have")
-    result = plan(model, record.method, targets, record.name, record.unfreeze, record.options)
+    result = plan(model, record.method, targets, record.name, record.unfreeze, record.options, record.layer_options)
     result.record.reconstruction_error = record.reconstruction_error
+    result.record.active = record.active
     return result
 
 
