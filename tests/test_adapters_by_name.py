@@ -195,3 +195,49 @@ def test_regularization_counts_only_active_adapters():
     assert vp.regularization(model).item() != 0.0
     vp.set_active(model, "b")
     assert vp.regularization(model).item() == 0.0
+
+
+def test_save_chosen_adapters_with_their_active_states(tmp_path):
+    base, model = two_adapters()
+    vp.set_active(model, "b")
+    vp.save(model, tmp_path, names=["b"])
+    loaded = vp.load(copy.deepcopy(base), tmp_path)
+    assert list(vp.adapters(loaded)) == ["b"]
+    assert torch.allclose(loaded(X), alone(model, "b"), atol=1e-6)
+    assert not any(n.startswith("3.") for n in loaded.state_dict() if ".vp_adapters." not in n
+                   and loaded.get_parameter(n).requires_grad)  # a's unfrozen head is not b's
+    vp.save(model, tmp_path / "a", names="a")
+    inactive = vp.load(copy.deepcopy(base), tmp_path / "a")
+    assert vp.adapters(inactive)["a"]["active"] is False
+    assert torch.equal(inactive[3].weight, model[3].weight)
+    with pytest.raises(ValueError, match="'c' is not attached"):
+        vp.save(model, tmp_path / "c", names=["c"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_load_under_another_name(tmp_path):
+    base, model = two_adapters()
+    vp.save(model, tmp_path / "a", names=["a"])
+    vp.load(model, tmp_path / "a", name="a_again")
+    assert list(vp.adapters(model)) == ["a", "b", "a_again"]
+    first = model[0]
+    assert torch.equal(first.vp_adapters["a_again"]["weight"].lora_B, first.vp_adapters["a"]["weight"].lora_B)
+    vp.set_active(model, "a_again")
+    assert torch.allclose(model(X), alone(model, "a"), atol=1e-6)
+    vp.save(model, tmp_path / "both", names=["a", "b"])
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="renames a single-adapter directory"):
+        vp.load(model, tmp_path / "both", name="c")
+    assert_same(model, snap)
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    base, model = two_adapters()
+    vp.save(model, tmp_path)
+    target = copy.deepcopy(base)
+    vp.attach(target, "lora", targets=["2"], name="b")  # the second adapter's name is taken
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match="'b' is already attached"):
+        vp.load(target, tmp_path)
+    assert_same(target, snap)
+    assert list(vp.adapters(target)) == ["b"]
