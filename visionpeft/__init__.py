@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from visionpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from visionpeft.by_name import adapters, delete, disabled, merge, set_active, unmerge
+from visionpeft.combine import combine
 from visionpeft.core import attach, detach, methods, regularization, step, trainable_parameters
 from visionpeft.extract import extract
 from visionpeft.io import load, save
@@ -16,5 +17,5 @@ from visionpeft.summary import summary
 __all__ = [
     "__version__", "methods", "attach", "trainable_parameters", "summary", "merge", "unmerge", "detach",
     "save", "load", "regularization", "step", "extract", "sparsity_report",
-    "adapters", "set_active", "disabled", "delete",
+    "adapters", "set_active", "disabled", "delete", "combine",
 ]
