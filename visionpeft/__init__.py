@@ -11,11 +11,12 @@ from visionpeft.combine import combine
 from visionpeft.core import attach, detach, methods, regularization, step, trainable_parameters
 from visionpeft.extract import extract
 from visionpeft.io import load, save
+from visionpeft.routing import routing
 from visionpeft.sparsity import sparsity_report
 from visionpeft.summary import summary
 
 __all__ = [
     "__version__", "methods", "attach", "trainable_parameters", "summary", "merge", "unmerge", "detach",
     "save", "load", "regularization", "step", "extract", "sparsity_report",
-    "adapters", "set_active", "disabled", "delete", "combine",
+    "adapters", "set_active", "disabled", "delete", "combine", "routing",
 ]
