@@ -70,6 +70,8 @@ class Route:
             sub_args = tuple(_take(a, dim, index, rows) for a in args)
             sub_kwargs = {k: _take_keyword(k, v, dim, index, rows) for k, v in kwargs.items()}
             outputs.append(layer.vp_forward(sub_args, sub_kwargs, names))
+        if isinstance(outputs[0], torch.Tensor) and inverse is not None and not outputs[0].requires_grad:
+            return _scattered(outputs, [index for _, index in groups], dim)
         return _joined(outputs, dim, inverse)
 
 
@@ -93,6 +95,20 @@ def _take_keyword(name: str, value: Any, dim: int, index: Any, rows: int) -> Any
     if name == "attn_mask" and isinstance(value, torch.Tensor) and value.dim() < 3:
         return value
     return _take(value, 0 if name in ("key_padding_mask", "attn_mask") else dim, index, rows)
+
+
+def _scattered(outputs: list[torch.Tensor], indices: list[Any], dim: int) -> torch.Tensor:
+    """Without autograd: each group's rows written in place into one output (one copy, not a cat and a gather)."""
+    first = outputs[0]
+    shape = list(first.shape)
+    shape[dim] = sum(o.shape[dim] for o in outputs)
+    out = first.new_empty(shape)
+    for part, index in zip(outputs, indices):
+        if isinstance(index, slice):
+            out.narrow(dim, index.start, index.stop - index.start).copy_(part)
+        else:
+            out.index_copy_(dim, index, part)
+    return out
 
 
 def _joined(outputs: list[Any], dim: int, inverse: torch.Tensor | None) -> Any:
