@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionpeft as vp
-from conftest import RecordCalls, max_rel, perturb
+from conftest import RecordCalls, Wrap, max_rel, perturb
 from visionpeft.methods.sara import SaRA, merge_weighted
 from visionpeft.models import build
 
@@ -57,6 +57,34 @@ def test_density_and_budget_select_exactly_that_many_of_the_smallest():
         magnitudes = torch.cat([base[i].weight.detach().abs().flatten() for i in (0, 2, 4)])
         assert int((magnitudes < theta).sum()) == keep
         assert all(m.theta.item() == theta for m in methods), "one global threshold"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_density_and_budget_select_exactly_the_k_smallest_in_every_dtype(dtype):
+    # float64 magnitudes that round to one float32 value: 1 - 2^-40 and 1 - 2^-41 are both 1.0 in float32
+    close = nn.Linear(4, 3, bias=False).to(dtype)
+    with torch.no_grad():
+        close.weight.copy_(torch.tensor([[1 - 2**-40, 1 - 2**-41, 0.5, 2.0]] * 3, dtype=torch.float64))
+    model = vp.attach(Wrap(close), "sara", targets=["layer"], budget=3)
+    assert instances(model)[0].values.numel() == 3 and torch.all(instances(model)[0].original == 0.5)
+    # distinct magnitudes (k/3 · 1e-3, random signs), in float64 mostly between two float32 values
+    generator = torch.Generator().manual_seed(0)
+    base = mlp().to(dtype)
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            n = base[i].weight.numel()
+            ranks = torch.randperm(n, generator=generator).to(dtype) + 1 + 10**4 * i
+            signs = torch.randint(2, (n,), generator=generator).to(dtype) * 2 - 1
+            base[i].weight.copy_((ranks / 3 * 1e-3 * signs).view_as(base[i].weight))
+    magnitudes = torch.cat([base[i].weight.detach().abs().flatten() for i in (0, 2, 4)])
+    assert magnitudes.unique().numel() == magnitudes.numel()
+    offsets = torch.tensor([0] + [base[i].weight.numel() for i in (0, 2)]).cumsum(0)
+    for options in (dict(budget=1), dict(budget=97), dict(budget=4321), dict(density=0.3)):
+        model = vp.attach(copy.deepcopy(base), "sara", targets=[nn.Linear], **options)
+        chosen = torch.cat([m.indices.long() + offset for m, offset in zip(instances(model), offsets)])
+        # the reference: sort every targeted magnitude and take the first k positions
+        keep = options.get("budget") or round(0.3 * magnitudes.numel())
+        assert torch.equal(chosen, magnitudes.argsort()[:keep].sort().values)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -4,10 +4,11 @@ Selection. One global magnitude threshold θ over every targeted tensor: the ent
 (strict, as in the paper) train, everything else stays frozen. Give exactly one of ``threshold`` (θ
 itself), ``density`` (fraction of all targeted entries) or ``budget`` (number of entries); with none,
 ``density=0.05``, so a call works on a model of any weight scale. For density/budget θ is the (k+1)-th
-smallest magnitude of all targeted entries, found exactly from two histograms of the float32 bit
-patterns built one tensor at a time (no copy of all the weights, unlike a global ``kthvalue``;
-``torch.quantile`` refuses more than 2^24 entries), so exactly k entries train unless magnitudes tie at
-θ (then fewer). ``targets="all"`` selects every parameter
+smallest magnitude of all targeted entries, found exactly by a radix select on the bit patterns of the
+magnitudes, built one tensor at a time (no copy of all the weights, unlike a global ``kthvalue``;
+``torch.quantile`` refuses more than 2^24 entries). Magnitudes are compared in float32, or in float64 when a
+targeted weight is float64 (every magnitude exact, so no rounding moves an entry across θ), and exactly k
+entries train unless magnitudes tie at θ (then fewer). ``targets="all"`` selects every parameter
 tensor (biases, norms, embeddings), as the paper does for UNets.
 
 Parameterization. Per slot: ``indices`` (flat positions into the canonical weight, int32 below 2^31
@@ -121,9 +122,19 @@ def fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c.sum(), c.abs().sum(), c.square().sum()]) for c in chunks], dim=1)
 
 
-def _magnitude_bits(weight: torch.Tensor) -> torch.Tensor:
-    """|w| as float32 bit patterns: for non-negative floats, integer order is numeric order."""
-    return weight.detach().reshape(-1).float().abs().view(torch.int32)
+def selection_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
+    """The float type in which every targeted magnitude is exact: float64 if any weight is, else float32."""
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
+def magnitudes(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|w| of the flat weight in ``dtype`` (from :func:`selection_dtype`)."""
+    return weight.detach().reshape(-1).to(dtype).abs()
+
+
+def _magnitude_bits(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|w| as the bit patterns of ``dtype``: for non-negative floats, integer order is numeric order."""
+    return magnitudes(weight, dtype).view(torch.int64 if dtype == torch.float64 else torch.int32)
 
 
 def _first_reaching(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -133,20 +144,32 @@ def _first_reaching(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     return bucket, int(cumulative[bucket - 1]) if bucket else 0
 
 
+_DIGIT_BITS = 16
+
+
 def global_threshold(weights: Sequence[torch.Tensor], keep: int) -> float:
     """θ such that exactly the ``keep`` smallest magnitudes are ``< θ`` (fewer if magnitudes tie at θ):
-    the (keep+1)-th smallest magnitude. Exact, in two passes over the tensors one at a time (a histogram
-    of the high 16 bits of the float32 magnitudes, then of the low 16 bits inside the one bucket that
-    holds it), so no copy of all the weights is made as a global ``kthvalue`` would."""
+    the (keep+1)-th smallest magnitude, in :func:`selection_dtype` so that no rounding moves an entry across
+    it. Exact, by a radix select over the magnitudes' bit patterns, 16 bits a pass (two passes for float32,
+    four for float64), each pass a histogram over the tensors one at a time of the next 16 bits of the
+    entries that share the bits found so far, so no copy of all the weights is made as a global
+    ``kthvalue`` would."""
     if keep >= sum(w.numel() for w in weights):
         return math.inf
-    buckets = 1 << 16
-    high = sum(torch.bincount(_magnitude_bits(w) >> 16, minlength=buckets).cpu() for w in weights)
-    bucket, before = _first_reaching(high, keep + 1)
-    low = sum(torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=buckets).cpu()
-              for bits in map(_magnitude_bits, weights))
-    offset, _ = _first_reaching(low, keep + 1 - before)
-    return torch.tensor((bucket << 16) | offset, dtype=torch.int32).view(torch.float32).item()
+    dtype = selection_dtype(weights)
+    width = torch.finfo(dtype).bits
+    prefix, rank = 0, keep + 1
+    for shift in range(width - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        counts = 0
+        for weight in weights:
+            bits = _magnitude_bits(weight, dtype)
+            if shift + _DIGIT_BITS < width:
+                bits = bits[(bits >> (shift + _DIGIT_BITS)) == prefix]
+            counts = counts + torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << _DIGIT_BITS).cpu()
+        digit, before = _first_reaching(counts, rank)
+        prefix, rank = (prefix << _DIGIT_BITS) | digit, rank - before
+    integer = torch.int64 if dtype == torch.float64 else torch.int32
+    return torch.tensor(prefix, dtype=integer).view(dtype).item()
 
 
 def _storage_positions(index: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
@@ -310,9 +333,10 @@ class SaRA(Method):
                 keep = max(1, round(density * total))
             theta = global_threshold(weights, keep)
         per_slot = []
+        dtype = selection_dtype(weights)
         for _, _, weight in slots:
             flat = weight.detach().reshape(-1)
-            indices = (flat.abs() < theta).nonzero().squeeze(1)
+            indices = (magnitudes(weight, dtype) < theta).nonzero().squeeze(1)
             per_slot.append(dict(options, selection={
                 "indices": indices, "original": flat[indices], "theta": theta, "fingerprint": fingerprint(weight)}))
         return per_slot
