@@ -162,6 +162,68 @@ def test_rank_penalty_is_the_nuclear_norm_of_one_layer_and_reaches_the_values():
     assert vp.regularization(vp.attach(mlp(), "sara", targets=[nn.Linear], lambda_rank=0.0)).item() == 0
 
 
+def _reference_rank_penalty(base_weight, method, mask, lambda_rank):
+    """The reference's penalty on identical tensors: the dense parameter (W0 with the learned values at the
+    selected entries), times its current mask, λ·Σσ by an SVD; returns the value and the gradient at the
+    selected entries."""
+    dense = base_weight.detach().clone().view(-1)
+    dense[method.indices.long()] = method.current_values().detach()
+    dense = dense.view(method.slot_shape).requires_grad_()
+    penalty = lambda_rank * torch.linalg.svd(dense * mask, full_matrices=False).S.sum()
+    penalty.backward()
+    return penalty.item(), dense.grad.view(-1)[method.indices.long()]
+
+
+def test_rank_penalty_after_reselection_is_the_references_on_the_entries_still_training():
+    base = mlp()
+    model = vp.attach(copy.deepcopy(base), "sara", targets=[nn.Linear], density=0.3, lambda_rank=0.01, progressive_at=0.5)
+    perturb(model, std=0.02)
+    eligible = [m for m in instances(model) if m.rank_eligible]
+    with torch.no_grad():
+        for m in eligible:
+            m.values[::3] += 10 * m.theta.float()  # these grew past θ and freeze at re-selection
+    initial_masks, grown = [], []
+    for i, m in zip((0, 2), eligible):
+        selected = torch.zeros(m.slot_shape, dtype=torch.bool).view(-1)
+        selected[m.indices.long()] = True
+        dense = base[i].weight.detach().clone().view(-1)
+        dense[m.indices.long()] = m.values.detach()
+        initial_masks.append(selected.view(m.slot_shape))
+        # the reference's re-selection: the initial mask and |current value| < θ
+        grown.append((selected & (dense.abs() < m.theta.float())).view(m.slot_shape))
+    vp.step(model, 5, 10)
+    for i, m, mask in zip((0, 2), eligible, grown):
+        assert int(mask.sum()) == m.trainable_entries() < m.values.numel()
+        expected, expected_grad = _reference_rank_penalty(base[i].weight, m, mask, 0.01)
+        m.values.grad = None
+        penalty = m.rank_penalty()
+        penalty.backward()
+        assert abs(penalty.item() - expected) < 1e-5 * expected
+        assert max_rel(m.values.grad, expected_grad) < 1e-4
+        assert torch.all(m.values.grad[m.frozen] == 0)
+        # before re-selection the mask is the initial one: the same as our penalty of all selected values
+        unfrozen = copy.deepcopy(m)
+        unfrozen.frozen.zero_()
+        assert abs(unfrozen.rank_penalty().item() - _reference_rank_penalty(base[i].weight, m, initial_masks[i // 2], 0.01)[0]) \
+            < 1e-5 * expected
+
+
+def test_a_drawn_layer_with_at_most_100_entries_still_training_adds_no_penalty_that_step():
+    model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=0.3, lambda_rank=0.01, progressive_at=0.5)
+    first, second = [m for m in instances(model) if m.rank_eligible]
+    with torch.no_grad():
+        second.values[50:] += 10 * second.theta.float()  # all but 50 grow past θ
+    vp.step(model, 5, 10)
+    assert second.trainable_entries() == 50 and first.trainable_entries() > 100
+    expected = first.rank_penalty().item()
+    torch.manual_seed(0)
+    penalties = [vp.regularization(model).item() for _ in range(24)]
+    # as the reference: the layer is drawn among every 2-D slot with min(out, in) > 64, then skipped
+    # for that step when no more than 100 of its entries still train
+    assert all(p == 0 or abs(p - expected) < 1e-6 * expected for p in penalties)
+    assert 0 < penalties.count(0) < len(penalties)
+
+
 @pytest.mark.parametrize("path", ["auto", "sampled"])
 def test_progressive_reselection_freezes_grown_entries_and_keeps_optimizer_state(path):
     model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=0.2, progressive_at=0.5, path=path)

@@ -52,10 +52,12 @@ The sampled gradient wins below about 15 % of the entries and loses above 20 %; 
 are no faster than the dense dW they avoid (they also run the base op's own backward for x), so
 ``"sparse"`` is opt-in (worth measuring on GPUs).
 
-Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the current values
-scattered into a zero matrix; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE eligible
-layer drawn uniformly per call (torch's RNG): 2-D slots with ``min(out, in) > 64`` and more than 100
-selected entries, as in the reference. ``lambda_rank`` defaults to 5e-4, the released recipe; the
+Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the values of the
+entries still training scattered into a zero matrix, so entries frozen by re-selection count as 0, as the
+reference's ``param * current_mask``; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE
+layer drawn uniformly per call (torch's RNG) among the 2-D slots with ``min(out, in) > 64``. As in the
+reference, a drawn layer with 100 or fewer entries still training adds nothing that call (checked at each
+draw, so a layer can drop out after re-selection). ``lambda_rank`` defaults to 5e-4, the released recipe; the
 paper's appendix says 5e-3.
 
 Progressive re-selection. ``visionpeft.step(model, step, total)`` at the first ``step >= progressive_at ·
@@ -309,8 +311,8 @@ class SaRA(Method):
         self.lambda_rank = lambda_rank
         self.progressive_at = progressive_at
         self.path = path
-        self.rank_eligible = (len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
-                              and self.values.numel() > _RANK_MIN_ENTRIES)
+        # the shape rule is fixed; the entry count is checked at each draw (model_penalty)
+        self.rank_eligible = len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
         self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- selection ---------------------------------------------------------------------------
@@ -416,8 +418,10 @@ class SaRA(Method):
         return self.values.numel() - (int(self.frozen.sum()) if self.progressive else 0)
 
     def rank_penalty(self) -> torch.Tensor:
-        """``lambda_rank · ‖W_M‖_*`` of the current values in float32."""
-        values = self.current_values().float()
+        """``lambda_rank · ‖W_M‖_*`` in float32, W_M the values of the entries still training (frozen ones: 0)."""
+        values = self.values.float()
+        if self.progressive:
+            values = values.masked_fill(self.frozen, 0)
         matrix = torch.zeros(math.prod(self.slot_shape), dtype=torch.float32, device=values.device)
         matrix = matrix.index_add(0, self.indices, values).view(self.slot_shape)
         return self.lambda_rank * torch.linalg.svdvals(matrix).sum()
@@ -427,7 +431,8 @@ class SaRA(Method):
         eligible = [m for m in instances if m.rank_eligible and m.lambda_rank > 0]
         if not eligible:
             return None
-        return eligible[int(torch.randint(len(eligible), ()))].rank_penalty()
+        drawn = eligible[int(torch.randint(len(eligible), ()))]
+        return drawn.rank_penalty() if drawn.trainable_entries() > _RANK_MIN_ENTRIES else None
 
     @torch.no_grad()
     def reselect(self) -> None:
