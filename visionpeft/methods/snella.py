@@ -41,8 +41,10 @@ Schedule (SNELLA): call ``vp.step(model, step, total_steps)`` after every ``opti
 importance EMAs of |θ·∇θ| over both factors (sensitivity Ī, uncertainty Ū = EMA |I − Ī|; layer score =
 mean(Ī·Ū) over ``in_pieces`` + the same over ``out_pieces``). The global budget stays at ``init_density``
 during the warm-up, decays cubically to ``density``, and is held there in the final phase; budgets are
-re-allocated proportionally to the scores every ``interval`` steps during the decay and at every step of
-the final phase. (The reference calls its allocator once per epoch; here the units are the caller's steps.)
+re-allocated proportionally to the scores at every step of the decay that is a multiple of ``interval``
+(``step % interval == 0``, the last step of the decay included) and at every step of the final phase after
+it, as the reference's schedule (:func:`reallocation_budget`). (The reference calls its allocator once per
+epoch; here the units are the caller's steps.)
 
 Memory and paths (``path``): nothing (out, in)-sized is kept between forward and backward. ΔW comes from
 :class:`_SparseKernel`, which saves the factors and the top-k threshold; its backward rebuilds the kernel and
@@ -253,6 +255,19 @@ def scheduled_budget(step: int, total_steps: int, initial: int, target: int, war
         return target
     remaining = 1.0 - (step - start) / (end - start)
     return target + int((initial - target) * remaining ** 3)
+
+
+def reallocation_budget(step: int, total_steps: int, initial: int, target: int, warmup: float, final: float,
+                        interval: int) -> int | None:
+    """The global budget to re-allocate at ``step``, or None when the allocation stays as it is. As the
+    reference: never during the warm-up; during the decay at every step that is a multiple of ``interval``
+    (counted from step 0, not from the end of the warm-up), its last step included (the budget there has
+    reached ``target``); at every step of the final phase after it."""
+    start = round(warmup * total_steps)
+    end = total_steps - round(final * total_steps)
+    if step <= start or (step <= end and step % interval):
+        return None
+    return scheduled_budget(step, total_steps, initial, target, warmup, final)
 
 
 def allocate(budget: int, scores: Sequence[float], capacities: Sequence[int]) -> list[int]:
@@ -570,14 +585,13 @@ class SNELLA(Method):
         config = instances[0].config
         for method in instances:
             method.update_importance(config["betas"])
-        start = round(config["warmup"] * total_steps)
-        end = total_steps - round(config["final"] * total_steps)
-        if step <= start or (step < end and (step - start) % config["interval"]):
-            return
         capacities = [m.numel for m in instances]
         initial = sum(min(n, math.floor(config["init_density"] * n)) for n in capacities)
         target = math.floor(config["density"] * sum(capacities))
-        budget = scheduled_budget(step, total_steps, initial, target, config["warmup"], config["final"])
+        budget = reallocation_budget(step, total_steps, initial, target, config["warmup"], config["final"],
+                                     config["interval"])
+        if budget is None:
+            return
         device = instances[0].budget.device
         scores = torch.stack([m.importance().to(device) for m in instances]).tolist()  # one sync, not one per layer
         for method, count in zip(instances, allocate(budget, scores, capacities)):
