@@ -433,7 +433,7 @@ def test_weight_path_keeps_no_weight_copy_and_gradients_are_exact(layer, shape, 
 
 @pytest.mark.parametrize("density, sampled", [(0.05, True), (0.5, False)])
 def test_auto_path_computes_no_dense_weight_gradient_on_sparse_linear_layers(density, sampled, monkeypatch):
-    sara_module = importlib.import_module("visionpeft.methods.sara")
+    sara_module = importlib.import_module("visionpeft.methods.sara_backprop")
 
     calls = []
     real = sara_module.sampled_weight_gradient
