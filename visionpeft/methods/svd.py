@@ -2,8 +2,8 @@
 
 Each targeted weight (a conv kernel on its (out, in/groups·k…) reshape; a fused q/k/v projection per
 block, never as one stacked matrix) is decomposed once, in float64, as W = U diag(σ) Vᵀ (through the
-eigendecomposition of the smaller Gram matrix where that is accurate, 1.6x faster than LAPACK's SVD at
-attach; ``torch.linalg.svd`` otherwise; see :func:`_svd_by_gram`); the adapter
+eigendecomposition of the smaller Gram matrix where that is accurate, faster than LAPACK's SVD at attach;
+``torch.linalg.svd`` otherwise; see :func:`_svd_by_gram`); the adapter
 trains s, initialised to σ, and contributes
 
     ΔW = U_k diag(s − σ_k) V_kᵀ
@@ -75,9 +75,8 @@ def _probe_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def _svd_by_gram(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Thin SVD from the eigendecomposition of the smaller Gram matrix, or None where that is not accurate.
 
-    For a tall A (m ≥ n): AᵀA = V diag(σ²) Vᵀ, then U = A V / σ. Measured 2.4x faster than
-    ``torch.linalg.svd`` on CLIP ViT-B/16's matrices (float64, 2 CPU threads): the O(m·n²) work is two
-    matrix products, and only the n×n eigenproblem is LAPACK. U·diag(σ)·Vᵀ = A·V·Vᵀ reproduces A exactly
+    For a tall A (m ≥ n): AᵀA = V diag(σ²) Vᵀ, then U = A V / σ. Faster than ``torch.linalg.svd``
+    (``benchmarks/svd.py``): the O(m·n²) work is two matrix products, and only the n×n eigenproblem is LAPACK. U·diag(σ)·Vᵀ = A·V·Vᵀ reproduces A exactly
     for any orthonormal V, but the Gram squares the condition number, so U's columns lose orthogonality
     as eps·(σ₁/σᵢ)²: the result is refused when a probe shows UᵀU ≠ I to 1e-9, or when σ has a zero.
     """
