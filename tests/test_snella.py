@@ -14,8 +14,9 @@ from conftest import Wrap, max_rel, perturb
 from visionpeft.core import adapted_layers
 import importlib
 
-from visionpeft.methods.snella import (allocate, distance_kernel, keep_largest, kernel_terms, kernel_value, scheduled_budget,
-                                     select_largest, softmax_mixture)
+from visionpeft.methods.snella_kernel import distance_kernel, kernel_terms, kernel_value, softmax_mixture
+from visionpeft.methods.snella_schedule import allocate, scheduled_budget
+from visionpeft.methods.snella_sparse import keep_largest, select_largest
 from visionpeft.models import build
 
 
@@ -104,7 +105,7 @@ def test_select_largest_breaks_ties_at_the_threshold_in_flat_order_and_a_second_
 
 
 def test_a_step_builds_the_kernel_once_in_forward_and_once_in_backward_and_selects_once(monkeypatch):
-    snella = importlib.import_module("visionpeft.methods.snella")
+    snella = importlib.import_module("visionpeft.methods.snella_sparse")
     calls = {"kernel_value": 0, "kernel_terms": 0, "select_largest": 0}
     for name in calls:
         def counted(*args, _original=getattr(snella, name), _name=name):
