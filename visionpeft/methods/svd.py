@@ -28,9 +28,9 @@ Choices that differ from the reference code:
 * **Kept directions.** ``k = ceil(rank_ratio · min(out, in))``, at least 1. The reference floors
   ``rank_ratio · min(out, in)`` to a multiple of 4 (at least 1), which drops up to 3 directions even at
   ``rank_ratio=1`` on a dimension that is not a multiple of 4 (a 10-class head keeps 8, a 3-channel stem 1);
-  here ``rank_ratio=1`` always trains every singular value, and a smaller ratio rounds up, so the choice is
-  the fraction asked for, not a hardware-friendly width. The two agree on every CLIP and BiomedCLIP
-  dimension at ratio 1 (all multiples of 4).
+  here ``rank_ratio=1`` always trains every singular value, and a smaller ratio rounds up, so the kept count
+  is the fraction asked for. The two agree on every CLIP and BiomedCLIP dimension at ratio 1 (all multiples
+  of 4).
 * **The update as a delta.** The reference replaces the layer by its top-k factors, y = U_k(s ⊙ V_kᵀx) + b,
   so the SVD's round-off enters the forward at step 0 and, below full rank, the other directions leave the
   model; here the base op runs unchanged and ΔW = U_k diag(s − σ_k) V_kᵀ is added (exact start, exact merge,
