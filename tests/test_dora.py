@@ -287,3 +287,17 @@ def test_magnitude_reads_and_writes_in_peft_shapes():
         method.set_magnitude(torch.ones(5))
     assert torch.equal(method.magnitude, torch.arange(4.0))
     assert "magnitude" in dict(method.named_parameters()) and "base_norms_squared" not in method.state_dict()
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Linear(6, 5), (4, 6)), (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6))])
+def test_an_unfrozen_layer_gets_the_gradients_of_the_explicit_weight(make, shape):
+    """Weight and bias trained fully with the adapter (unfreeze): they get their gradients through the gain too."""
+    base = Wrap(make())
+    model = perturb(vp.attach(copy.deepcopy(base), "dora", targets=["layer"], unfreeze=["layer"], rank=2))
+    method = method_of(model)
+    x = torch.randn(shape)
+    model(x).square().sum().backward()
+    weight, bias = base.layer.weight, base.layer.bias
+    functional_call(base.layer, {"weight": explicit_weight(method, weight), "bias": bias}, (x,)).square().sum().backward()
+    assert max_rel(model.layer.weight.grad, weight.grad) < 1e-5
+    assert max_rel(model.layer.bias.grad, bias.grad) < 1e-5

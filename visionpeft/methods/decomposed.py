@@ -20,7 +20,7 @@ from visionpeft.methods.base import Method, Option, boolean, positive_int, proba
 from visionpeft.methods.lora import LoRA
 from visionpeft.methods.lowrank import _sum_target, add_low_rank_output
 
-#: rows of the base weight cast to float32 at a time when it is stored in half precision
+#: elements of the base weight cast to the adapter's dtype at a time (a half-precision base is never copied whole)
 _CHUNK = 1 << 20
 
 
@@ -81,7 +81,7 @@ class NormalizedLowRank(LoRA):
         return add_low_rank_output(x, out, slot, self.lora_A, self.lora_B, mid)
 
     def low_rank(self) -> torch.Tensor:
-        """s·B·A as a (out, fan_in) matrix, float32 (builds the dense product: weight path and merges only)."""
+        """s·B·A as a (out, fan_in) matrix in the adapter's dtype (dense: the weight path and merges only)."""
         return (self.lora_B @ self.lora_A).mul_(self.scale)
 
 
@@ -93,14 +93,18 @@ def apply_gain(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, d
         result = u * shaped
         return result if bias is None else result + (1 - shaped) * _along(bias.to(u.dtype), u.dim(), dim)
     target, in_place = _sum_target(u)
-    if not (torch.is_grad_enabled() and (u.requires_grad or gain.requires_grad)):  # nothing to keep for backward
-        g = _along(gain.to(u.dtype), target.dim(), dim if dim >= 0 else target.dim() + dim)
-        y = target.mul_(g) if in_place else target * g
-        if bias is not None:
-            y.add_((1 - g) * _along(bias.to(u.dtype), target.dim(), dim if dim >= 0 else target.dim() + dim))
-        return y.view(u.shape)
     dim = dim if dim >= 0 else target.dim() + dim  # u may be a view of target: channels stay first or last
-    return _Gain.apply(target, gain, bias, dim, in_place).view(u.shape)
+    if torch.is_grad_enabled() and (u.requires_grad or gain.requires_grad):
+        return _Gain.apply(target, gain, bias, dim, in_place).view(u.shape)
+    return _gained(target, gain, bias, dim, in_place).view(u.shape)  # nothing to keep for backward
+
+
+def _gained(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, dim: int, in_place: bool) -> torch.Tensor:
+    g = _along(gain.to(u.dtype), u.dim(), dim)
+    y = u.mul_(g) if in_place else u * g
+    if bias is not None:
+        y.add_((1 - g) * _along(bias.to(u.dtype), u.dim(), dim))
+    return y
 
 
 def _along(vector: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -125,15 +129,9 @@ class _Gain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, gain, bias, dim, in_place):
-        g = _along(gain.to(u.dtype), u.dim(), dim)
+        y = _gained(u, gain, bias, dim, in_place)
         if in_place:
-            y = u.mul_(g)
             ctx.mark_dirty(u)
-        else:
-            y = u * g
-        shaped_bias = None if bias is None else _along(bias.to(u.dtype), u.dim(), dim)
-        if shaped_bias is not None:
-            y.add_((1 - g) * shaped_bias)
         ctx.save_for_backward(_keep(y), gain, bias)
         ctx.dim = dim
         return y
@@ -147,16 +145,17 @@ class _Gain(torch.autograd.Function):
         g = _along(gain.to(grad.dtype), grad.dim(), dim)
         grad_u = grad * g if need_u else None
         others = [d for d in range(grad.dim()) if d != dim]
+        acc = torch.promote_types(grad.dtype, torch.float32)  # sums over the batch at least in float32
         grad_gain = grad_bias = None
         if need_gain or need_bias:
-            grad_sum = grad.sum(others, dtype=torch.float32)
+            grad_sum = grad.sum(others, dtype=acc)
         if need_gain:
-            weighted = (grad * y).sum(others, dtype=torch.float32)  # Σ G ⊙ y per channel
+            weighted = (grad * y).sum(others, dtype=acc)  # Σ G ⊙ y per channel
             if bias is not None:
-                weighted = weighted - bias.float() * grad_sum
+                weighted = weighted - bias.to(acc) * grad_sum
             if gain.dim() == 0:
                 weighted = weighted.sum()
-            grad_gain = torch.where(gain != 0, weighted / gain.float(), 0.0).to(gain.dtype)
+            grad_gain = torch.where(gain != 0, weighted / gain.to(acc), 0.0).to(gain.dtype)
         if need_bias:
-            grad_bias = ((1 - gain.float()) * grad_sum).to(bias.dtype)
+            grad_bias = ((1 - gain.to(acc)) * grad_sum).to(bias.dtype)
         return grad_u, grad_gain, grad_bias, None, None
