@@ -301,3 +301,14 @@ def test_an_unfrozen_layer_gets_the_gradients_of_the_explicit_weight(make, shape
     functional_call(base.layer, {"weight": explicit_weight(method, weight), "bias": bias}, (x,)).square().sum().backward()
     assert max_rel(model.layer.weight.grad, weight.grad) < 1e-5
     assert max_rel(model.layer.bias.grad, bias.grad) < 1e-5
+
+
+def test_beside_another_adapter_dora_adds_its_own_delta():
+    """With a LoRA active on the same layer, DoRA takes the weight path: the output is W0 + ΔW_lora + ΔW_dora."""
+    base = Wrap(nn.Linear(6, 5))
+    x = torch.randn(3, 6)
+    model = vp.attach(copy.deepcopy(base), "lora", targets=["layer"], name="a", rank=2)
+    vp.attach(model, "dora", targets=["layer"], name="b", rank=2)
+    perturb(model)
+    weight = base.layer.weight + model.layer.vp_delta("a", "weight") + model.layer.vp_delta("b", "weight")
+    assert max_rel(model(x), F.linear(x, weight, base.layer.bias)) < 1e-5
