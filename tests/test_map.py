@@ -114,3 +114,13 @@ def test_bad_options_are_refused(options, needle):
     with pytest.raises(ValueError, match=needle):
         vp.attach(model, "map", targets=["layer"], **options)
     assert type(model.layer) is nn.Linear
+
+
+def test_command_line_lists_dora_and_map_with_their_options(capsys):
+    from visionpeft.cli import _methods
+
+    _methods(None)
+    out = capsys.readouterr().out
+    for name in ("dora", "map"):
+        block = out.split(f"\n{name}\n", 1)[1].split("\n")[:4]
+        assert [line.split()[0] for line in block] == ["rank", "alpha", "dropout", "rslora"], name

@@ -13,7 +13,7 @@ are rowsum((W0·Aᵀ) ⊙ B) and those of ‖BA‖² rowsum((B·AAᵀ) ⊙ B): O
 buffer computed at attach (recomputed when the layer's weight changes: a merge of another adapter, a load).
 Then y = g ⊙ (W0·x + s·B(A·x)) + b with g = m/n: LoRA's fused branch on the base output, and a gain applied in
 place whose backward keeps only the (usually already kept) output (``methods/decomposed.py``). PEFT instead
-builds W0 + s·B·A densely every step and keeps two more output-sized tensors per layer.
+builds W0 + s·B·A densely every step and keeps output-sized tensors of its own for backward.
 
 Weight path (grouped convs without dropout, MultiheadAttention, modules with their own forward): the op runs
 with W0 + (g − 1) ⊙ W0 + g ⊙ s·B·A, exact and cheaper there than a second op on activations. Merging folds the
