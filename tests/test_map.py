@@ -120,7 +120,8 @@ def test_command_line_lists_dora_and_map_with_their_options(capsys):
     from visionpeft.cli import _methods
 
     _methods(None)
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     for name in ("dora", "map"):
-        block = out.split(f"\n{name}\n", 1)[1].split("\n")[:4]
+        start = lines.index(name) + 1
+        block = lines[start:start + 4]
         assert [line.split()[0] for line in block] == ["rank", "alpha", "dropout", "rslora"], name
