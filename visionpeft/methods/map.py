@@ -2,7 +2,7 @@
 
 The whole weight is one vector: its pretrained direction keeps a trainable length ``base_scale`` a (starting at
 ‖W0‖_F) and the update contributes a unit direction of trainable length ``update_scale`` b (starting at 1).
-This is the reference form of A2 (LoMAP in the Subspace-Tuning fork): both norms clamped below at 1e-6, neither
+This is the form of the reference implementation (LoMAP in the Subspace-Tuning fork): both norms clamped at 1e-6, neither
 detached. B starts at zero, so attaching changes nothing. Options as LoRA's (``rank``, ``alpha``, ``dropout``
 on the branch's input, ``rslora``); a zero base weight (‖W0‖_F = 0) has no direction and is refused.
 
