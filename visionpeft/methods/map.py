@@ -2,9 +2,10 @@
 
 The whole weight is one vector: its pretrained direction keeps a trainable length ``base_scale`` a (starting at
 ‖W0‖_F) and the update contributes a unit direction of trainable length ``update_scale`` b (starting at 1).
-This is the form of the reference implementation (LoMAP in the Subspace-Tuning fork): both norms clamped at 1e-6, neither
-detached. B starts at zero, so attaching changes nothing. Options as LoRA's (``rank``, ``alpha``, ``dropout``
-on the branch's input, ``rslora``); a zero base weight (‖W0‖_F = 0) has no direction and is refused.
+This is the form of the reference implementation (LoMAP in the Subspace-Tuning fork): neither norm detached,
+‖ΔW‖_F clamped below at 1e-6. The reference clamps ‖W0‖_F too; here a zero base weight (‖W0‖_F = 0), which has
+no direction, is refused instead. B starts at zero, so attaching changes nothing. Options as LoRA's (``rank``,
+``alpha``, ``dropout`` on the branch's input, ``rslora``).
 
 While ΔW ≈ 0 (at the start, B = 0) the clamp holds ‖ΔW‖ at 1e-6, so the update's gradient reaches B amplified
 by b/1e-6 ≈ 10⁶. Adam-type optimizers normalise that away (the first step moves each entry of B by about the
