@@ -101,10 +101,10 @@ def apply_gain(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, d
 
 def _gained(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, dim: int, in_place: bool) -> torch.Tensor:
     g = _along(gain.to(u.dtype), u.dim(), dim)
-    y = u.mul_(g) if in_place else u * g
-    if bias is not None:
-        y.add_((1 - g) * _along(bias.to(u.dtype), u.dim(), dim))
-    return y
+    if bias is None:
+        return u.mul_(g) if in_place else u * g
+    offset = (1 - g) * _along(bias.to(u.dtype), u.dim(), dim)
+    return torch.addcmul(offset, u, g, out=u) if in_place else torch.addcmul(offset, u, g)  # one pass
 
 
 def _along(vector: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
