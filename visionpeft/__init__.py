@@ -5,8 +5,8 @@
 """
 __version__ = "0.1.0"
 
-from visionpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
-from visionpeft.core import attach, detach, merge, methods, regularization, step, trainable_parameters, unmerge
+from visionpeft import methods  # the subpackage; vp.methods() lists the registered names
+from visionpeft.core import attach, detach, merge, regularization, step, trainable_parameters, unmerge
 from visionpeft.extract import extract
 from visionpeft.io import load, save
 from visionpeft.sparsity import sparsity_report
