@@ -7,9 +7,11 @@ preset's layers (every conv / linear of the repeated blocks), at roughly matched
 FLoRA rank 8 (spatial rank 2), HF PEFT LoRA rank 5, LyCORIS LoCon with Tucker (``use_tucker``) rank 8.
 The frozen floor trains only a stem norm (or the UNet's conv_in bias) and the head, so activation
 gradients flow through every block and no block weight gets a gradient. ``flora-weight`` forces the
-W + ΔW path, to compare with the default (branch on activations).
+W + ΔW path, to compare with the default (branch on activations). ``--dora`` compares visionpeft DoRA (and MAP,
+and LoRA) with HF PEFT's DoRA (``use_dora``) at LoRA's rank 5 on the same layers, PEFT's DoRA as the peer.
 
     python benchmarks/flora.py [--workloads resnet50 convnext_t unet sd15_unet] [--device cuda] [--out FILE]
+    python benchmarks/flora.py --dora [--workloads resnet50] [--out FILE]   # DoRA on convs against PEFT's DoRA
     python benchmarks/flora.py --contraction      # ΔW by torch.einsum vs tensorly multi_mode_dot
     python benchmarks/flora.py --depthwise        # a depthwise kernel's weight gradient: aten vs visionpeft
     python benchmarks/flora.py --pointwise        # a rank-8 1×1 map: oneDNN conv vs visionpeft's bmm
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import Workload, frozen_floor, machine, main, median_ms  # noqa: E402
 from workloads import (  # noqa: E402
-    classification_loss, image_batch, noise_loss, sd15_unet, sd15_unet_batch, sd_unet, unet_batch,
+    classification_loss, image_batch, noise_loss, peft_adapter, sd15_unet, sd15_unet_batch, sd_unet, unet_batch,
 )
 
 FLORA_RANK, LORA_RANK, LYCORIS_RANK = 8, 5, 8
@@ -73,17 +75,15 @@ def full(model, workload):
     return model
 
 
-def peft_lora(model, workload):
+def peft(dora):
     """PEFT refuses grouped convs unless the rank divides the groups (ConvNeXt's depthwise convs), so it
     adapts the preset's other layers there."""
-    from peft import LoraConfig, inject_adapter_in_model
+    def setup(model, workload):
+        modules = dict(model.named_modules())
+        names = [n for n in preset_names(model) if getattr(modules[n], "groups", 1) == 1]
+        return peft_adapter(model, names, LORA_RANK, head=workload.head, dora=dora)
 
-    modules = dict(model.named_modules())
-    names = [n for n in preset_names(model) if getattr(modules[n], "groups", 1) == 1]
-    model = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=names), model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return train_head(model, workload)
+    return setup
 
 
 def lycoris_tucker(model, workload):
@@ -111,8 +111,21 @@ def flora(path):
     return setup
 
 
-CONFIGS = {"floor": frozen_floor, "full": full, "peft-lora": peft_lora, "lycoris-tucker": lycoris_tucker,
-           "flora": flora("auto"), "flora-weight": flora("weight")}
+def low_rank(method):
+    """visionpeft ``method`` at PEFT LoRA's rank on the preset's layers (every one: grouped convs included)."""
+    def setup(model, workload):
+        import visionpeft as vp
+
+        return vp.attach(model, method, rank=LORA_RANK, unfreeze=list(workload.head))
+
+    return setup
+
+
+CONFIGS = {"floor": frozen_floor, "full": full, "peft-lora": peft(False), "lycoris-tucker": lycoris_tucker,
+           "flora": flora("auto"), "flora-weight": flora("weight"),
+           "peft-dora": peft(True), "lora": low_rank("lora"), "dora": low_rank("dora"), "map": low_rank("map")}
+FLORA_CONFIGS = ["floor", "full", "peft-lora", "lycoris-tucker", "flora", "flora-weight"]
+DORA_CONFIGS = ["floor", "peft-dora", "lora", "dora", "map"]
 
 
 def contraction_benchmark(repeats: int = 20) -> str:
@@ -215,5 +228,12 @@ if __name__ == "__main__":
         print(pointwise_benchmark())
     elif "--in-place" in sys.argv:
         print(in_place_benchmark())
+    elif "--dora" in sys.argv:
+        argv = [a for a in sys.argv[1:] if a != "--dora"]
+        argv += [] if "--configs" in argv else ["--configs", *DORA_CONFIGS]
+        argv += [] if "--workloads" in argv else ["--workloads", "resnet50"]
+        main(CONFIGS, WORKLOADS, floor="floor", peer="peft-dora", argv=argv)
     else:
-        main(CONFIGS, WORKLOADS, floor="floor", peer="peft-lora")
+        argv = sys.argv[1:]
+        argv += [] if "--configs" in argv or "--child" in argv else ["--configs", *FLORA_CONFIGS]
+        main(CONFIGS, WORKLOADS, floor="floor", peer="peft-lora", argv=argv)

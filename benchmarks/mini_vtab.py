@@ -5,7 +5,8 @@ Accuracy: each (backbone, task, method, seed) is trained by the recipe runner fr
 split, no best-of-eval picking); finished runs are kept under ``--runs`` and skipped on a re-run.
 Cost: step time and training-step peak memory of each method at the recipes' batch size, measured
 by ``harness.py`` (each configuration in its own process, interleaved rounds) against the frozen
-floor (trunk frozen, activation gradients through every block) and HF PEFT's LoRA, the outside peer.
+floor (trunk frozen, activation gradients through every block) and HF PEFT's LoRA, the outside peer; HF PEFT's
+DoRA (``peft-dora``, on the layers visionpeft's DoRA adapts) is measured for cost only (it has no recipe).
 
 Writes a markdown table per backbone (top-1 mean ± std per task, average, trainable parameters, step
 time, memory above the floor), the targets' verdicts, and a bar chart.
@@ -27,11 +28,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from harness import Workload, frozen_floor, machine  # noqa: E402
 from harness import main as harness_main  # noqa: E402
+from workloads import peft_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "mini_vtab"
-METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd"]
-PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd"]
+METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd", "dora", "map"]
+PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd", "dora", "map"]
+#: measured for step time and memory only: no recipe trains them
+COST_ONLY = ["peft-dora"]
 BACKBONES = ["vit", "convnet"]
 BATCH = 32
 
@@ -53,10 +57,11 @@ LR_GRID = {
     "vit": {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
             "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
             "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1],
-            "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]},
+            "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2]},
     "convnet": {"linear": [3e-2, 1e-1, 3e-1], "full": [3e-4, 1e-3, 3e-3, 1e-2],
                 "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
-                "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [1e-2, 3e-2, 1e-1, 3e-1], "svd": [3e-2, 1e-1, 3e-1, 1.0]},
+                "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [1e-2, 3e-2, 1e-1, 3e-1], "svd": [3e-2, 1e-1, 3e-1, 1.0],
+                "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2]},
 }
 LR_TIE = 1.0
 
@@ -129,7 +134,7 @@ def run_accuracy(args) -> dict:
     jobs = {}
     # seed-major: an interrupted grid leaves whole seeds of the table, not whole tasks
     for backbone, task, method, seed in ((b, t, m, s) for b in args.backbones for s in args.seeds
-                                         for t in args.tasks for m in args.methods):
+                                         for t in args.tasks for m in trained_methods(args)):
         overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", *_epochs(args)]
         jobs[(backbone, task, method, seed)] = (method, backbone, overrides,
                                                 Path(args.runs) / backbone / task / method / f"seed{seed}")
@@ -152,6 +157,10 @@ def run_accuracy(args) -> dict:
     return {"top1": top1, "trainable": trainable}
 
 
+def trained_methods(args) -> list[str]:
+    return [m for m in args.methods if m not in COST_ONLY]
+
+
 def chosen_lr(means: dict[float, float]) -> float:
     """The smallest rate within ``LR_TIE`` points of the best val200 mean: near the edge of stability a
     higher rate buys little on one seed and can diverge on another."""
@@ -164,7 +173,7 @@ def tune_lr(args) -> str:
     from visionpeft.data.mini_vtab import write_mini_vtab
 
     write_mini_vtab(args.data, args.tasks)
-    methods = [m for m in args.methods if m != "peft-lora"]
+    methods = [m for m in trained_methods(args) if m != "peft-lora"]
     jobs = {}
     for backbone, task, method in ((b, t, m) for b in args.backbones for t in args.tasks for m in methods):
         for lr in LR_GRID[backbone][method]:
@@ -225,8 +234,20 @@ def _adapter_config(method: str):
     return setup
 
 
+def _peft_dora(model, workload):
+    """HF PEFT's DoRA at DoRA's recipe rank on the layers visionpeft's DoRA adapts (PEFT cannot adapt the
+    depthwise convs at this rank: they stay frozen, as in the peft-lora baseline)."""
+    from visionpeft.targeting import resolve_targets
+
+    backbone = "vit" if hasattr(model, "pos_embed") else "convnet"
+    adapter = recipe_for("dora", backbone)["adapter"]
+    rank = adapter["options"].get("rank", 8)
+    names = [t.name for t in resolve_targets(model, adapter["targets"]) if getattr(t.module, "groups", 1) == 1]
+    return peft_adapter(model, names, rank, head=workload.head, dora=True)
+
+
 def cost_configs() -> dict:
-    return {"floor": frozen_floor} | {m: _adapter_config(m) for m in METHODS}
+    return {"floor": frozen_floor} | {m: _adapter_config(m) for m in METHODS} | {"peft-dora": _peft_dora}
 
 
 def run_cost(args) -> dict:
@@ -256,14 +277,18 @@ def render(args, accuracy: dict, cost: dict) -> str:
                   "| method | " + " | ".join(args.tasks) + f" | average | trainable ({args.tasks[0]}) | step × floor | memory above floor (MB) |",
                   "|---|" + "---:|" * (len(args.tasks) + 4)]
         for method in args.methods:
+            row = cost.get((backbone, method))
+            step = f"{row['step_s'] / floor['step_s']:.2f}" if row and floor else "n/a"
+            memory = f"{row['peak_mb'] - floor['peak_mb']:+.0f}" if row and floor else "n/a"
+            if method in COST_ONLY:
+                count = f"{row['trainable']:,}" if row else "n/a"
+                lines.append(f"| {method} | " + " | ".join("–" for _ in args.tasks) + f" | – | {count} | {step} | {memory} |")
+                continue
             cells = []
             for task in args.tasks:
                 mean, std = _mean_std(top1[(backbone, task, method)])
                 cells.append(f"{mean:.1f} ± {std:.1f}")
             average = statistics.mean(statistics.mean(top1[(backbone, t, method)]) for t in args.tasks)
-            row = cost.get((backbone, method))
-            step = f"{row['step_s'] / floor['step_s']:.2f}" if row and floor else "n/a"
-            memory = f"{row['peak_mb'] - floor['peak_mb']:+.0f}" if row and floor else "n/a"
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {average:.1f} | {trainable[(backbone, method)]:,} | "
                          f"{step} | {memory} |")
         if floor:
@@ -273,9 +298,9 @@ def render(args, accuracy: dict, cost: dict) -> str:
 
 
 def verdicts(args, top1: dict, backbone: str) -> list[str]:
-    """The issue's three targets, checked on this backbone's numbers."""
+    """The three targets, checked on this backbone's numbers."""
     out = []
-    methods = [m for m in args.methods if m != "linear"]
+    methods = [m for m in trained_methods(args) if m != "linear"]
     if "linear" in args.methods:
         losses = [f"{m} on {t}" for m in methods for t in args.tasks
                   if statistics.mean(top1[(backbone, t, m)]) <= statistics.mean(top1[(backbone, t, "linear")])]
@@ -295,7 +320,7 @@ def verdicts(args, top1: dict, backbone: str) -> list[str]:
             verdict += f"; more than one std ahead on {', '.join(ahead)}"
         out.append(f"- our LoRA within one std of PEFT's LoRA, or ahead of it: {verdict}")
     if "full" in args.methods:
-        average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in args.methods}
+        average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in trained_methods(args)}
         candidates = [m for m in PEFT_METHODS if m in average]
         if candidates:
             best = max(candidates, key=average.get)
@@ -313,9 +338,10 @@ def plot(args, accuracy: dict, path: Path) -> None:
 
     top1 = accuracy["top1"]
     fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 3.8), squeeze=False)
-    width = 0.8 / len(args.methods)
+    methods = trained_methods(args)
+    width = 0.8 / len(methods)
     for ax, backbone in zip(axes[0], args.backbones):
-        for i, method in enumerate(args.methods):
+        for i, method in enumerate(methods):
             stats = [_mean_std(top1[(backbone, t, method)]) for t in args.tasks]
             ax.bar([x + i * width for x in range(len(args.tasks))], [m for m, _ in stats], width,
                    yerr=[s for _, s in stats], label=method, capsize=2)
@@ -338,7 +364,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
     parser.add_argument("--tasks", nargs="+", default=list(MINI_TASKS), choices=list(MINI_TASKS))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS + COST_ONLY, choices=METHODS + COST_ONLY)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cost measurement")

@@ -66,3 +66,17 @@ def sd15_unet_batch(device):
 
 def noise_loss(model, inputs, target):
     return _regularized(F.mse_loss(model(**inputs).sample, target), model)
+
+
+def peft_adapter(model, names, rank, head=(), dora=False):
+    """HF PEFT's LoRA (or its DoRA, ``use_dora``) at ``rank`` (alpha = rank) on the modules ``names``; only its
+    factors (and magnitudes) and the modules ``head`` train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=dora), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    modules = dict(model.named_modules())
+    for name in head:
+        modules[name].requires_grad_(True)
+    return model

@@ -216,3 +216,66 @@ def test_lora_approximation_checks_its_arguments_before_copying(pipeline, tmp_pa
         export_lora_approximation(tmp_path / "lora.safetensors", pipeline.unet, fmt="comfy")
     with pytest.raises(ValueError, match="rank=0"):
         export_lora_approximation(tmp_path / "lora.safetensors", pipeline.unet, rank=0)
+
+
+def perturbed_dora(pipeline):
+    """DoRA (scale 5/3) on every preset UNet layer, convs included, and on the text encoder; magnitudes moved too."""
+    vp.attach(pipeline.unet, "dora", rank=3, alpha=5)
+    vp.attach(pipeline.text_encoder, "dora", rank=2, alpha=3)
+    with torch.no_grad():
+        for model in (pipeline.unet, pipeline.text_encoder):
+            for p in vp.trainable_parameters(model).values():
+                p.add_(torch.randn_like(p) * 0.05 * (p.abs().mean() if p.dim() == 1 else 4))
+    return pipeline
+
+
+def test_dora_export_loads_in_diffusers_and_imports_back(base_pipeline, pipeline, tmp_path):
+    adapted = perturbed_dora(pipeline)
+    expected = outputs(adapted)
+    assert_differs(expected, outputs(base_pipeline))
+    path = export_lora(tmp_path / "dora.safetensors", adapted.unet, adapted.text_encoder)
+    state, _ = read_lora_file(path)
+    magnitudes = {k: v.shape for k, v in state.items() if k.endswith("lora_magnitude_vector.weight")}
+    assert any(len(shape) == 4 for shape in magnitudes.values()) and any(len(shape) == 1 for shape in magnitudes.values())
+
+    loaded = copy.deepcopy(base_pipeline)
+    loaded.load_lora_weights(str(path))
+    assert_close(outputs(loaded), expected)
+
+    imported = copy.deepcopy(base_pipeline)
+    assert import_lora(path, imported.unet, imported.text_encoder) == {"unet": ["default"], "text_encoder": ["default"]}
+    assert records(imported.unet)["default"].method == "dora"
+    assert_close(outputs(imported), expected)
+
+
+def test_dora_kohya_file_carries_dora_scale_and_imports_back(base_pipeline, pipeline, tmp_path):
+    adapted = perturbed_dora(pipeline)
+    expected = outputs(adapted)
+    path = export_lora(tmp_path / "dora.safetensors", adapted.unet, adapted.text_encoder, fmt="kohya")
+    state, _ = read_lora_file(path)
+    scales = [k for k in state if k.endswith(".dora_scale")]
+    assert scales and all(state[k].shape[0] == state[k.replace("dora_scale", "lora_up.weight")].shape[0]
+                          and state[k].shape[1:].numel() == 1 for k in scales)
+    imported = copy.deepcopy(base_pipeline)
+    import_lora(path, imported.unet, imported.text_encoder)
+    assert records(imported.text_encoder)["default"].method == "dora"
+    assert_close(outputs(imported), expected)
+
+
+def test_dora_magnitude_that_does_not_fit_is_refused_untouched(base_pipeline, pipeline, tmp_path):
+    adapted = perturbed_dora(pipeline)
+    path = export_lora(tmp_path / "dora.safetensors", adapted.unet)
+    state, _ = read_lora_file(path)
+    key = next(k for k in state if k.endswith("lora_magnitude_vector.weight"))
+    state[key] = torch.ones(state[key].numel() + 1)
+    fresh = copy.deepcopy(base_pipeline)
+    with pytest.raises(ValueError, match="DoRA magnitude of shape"):
+        import_lora(state, fresh.unet)
+    assert not records(fresh.unet)
+
+
+def test_map_is_refused_by_the_lora_export(pipeline, tmp_path):
+    vp.attach(pipeline.unet, "map", rank=2)
+    with pytest.raises(ValueError, match="'map'; only 'lora' and 'dora' export"):
+        export_lora(tmp_path / "map.safetensors", pipeline.unet)
+    assert not (tmp_path / "map.safetensors").exists()

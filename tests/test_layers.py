@@ -24,6 +24,8 @@ METHODS = {
     "snell": ("snell", dict(rank=2, density=0.5)),
     "sara": ("sara", dict(density=0.3)),
     "sara-sparse-path": ("sara", dict(density=0.3, path="sparse")),
+    "dora": ("dora", dict(rank=2)),
+    "map": ("map", dict(rank=2)),
 }
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionpeft as vp
-from conftest import RecordCalls, max_rel, perturb
+from conftest import RecordCalls, Wrap, max_rel, perturb
 from visionpeft.methods.sara import SaRA
 from visionpeft.models import build
 
@@ -57,6 +57,34 @@ def test_density_and_budget_select_exactly_that_many_of_the_smallest():
         magnitudes = torch.cat([base[i].weight.detach().abs().flatten() for i in (0, 2, 4)])
         assert int((magnitudes < theta).sum()) == keep
         assert all(m.theta.item() == theta for m in methods), "one global threshold"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_density_and_budget_select_exactly_the_k_smallest_in_float32_and_float64(dtype):
+    # float64 magnitudes that round to one float32 value: 1 - 2^-40 and 1 - 2^-41 are both 1.0 in float32
+    close = nn.Linear(4, 3, bias=False).to(dtype)
+    with torch.no_grad():
+        close.weight.copy_(torch.tensor([[1 - 2**-40, 1 - 2**-41, 0.5, 2.0]] * 3, dtype=torch.float64))
+    model = vp.attach(Wrap(close), "sara", targets=["layer"], budget=3)
+    assert instances(model)[0].values.numel() == 3 and torch.all(instances(model)[0].original == 0.5)
+    # distinct magnitudes (k/3 · 1e-3, random signs), in float64 mostly between two float32 values
+    generator = torch.Generator().manual_seed(0)
+    base = mlp().to(dtype)
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            n = base[i].weight.numel()
+            ranks = torch.randperm(n, generator=generator).to(dtype) + 1 + 10**4 * i
+            signs = torch.randint(2, (n,), generator=generator).to(dtype) * 2 - 1
+            base[i].weight.copy_((ranks / 3 * 1e-3 * signs).view_as(base[i].weight))
+    magnitudes = torch.cat([base[i].weight.detach().abs().flatten() for i in (0, 2, 4)])
+    assert magnitudes.unique().numel() == magnitudes.numel()
+    offsets = torch.tensor([0] + [base[i].weight.numel() for i in (0, 2)]).cumsum(0)
+    for options in (dict(budget=1), dict(budget=97), dict(budget=4321), dict(density=0.3)):
+        model = vp.attach(copy.deepcopy(base), "sara", targets=[nn.Linear], **options)
+        chosen = torch.cat([m.indices.long() + offset for m, offset in zip(instances(model), offsets)])
+        # the reference: sort every targeted magnitude and take the first k positions
+        keep = options.get("budget") or round(0.3 * magnitudes.numel())
+        assert torch.equal(chosen, magnitudes.argsort()[:keep].sort().values)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -132,6 +160,68 @@ def test_rank_penalty_is_the_nuclear_norm_of_one_layer_and_reaches_the_values():
     assert sum(g is not None and g.abs().sum() > 0 for g in grads) == 1
     assert all(p.grad is None for p in base_weights(model))
     assert vp.regularization(vp.attach(mlp(), "sara", targets=[nn.Linear], lambda_rank=0.0)).item() == 0
+
+
+def _reference_rank_penalty(base_weight, method, mask, lambda_rank):
+    """The reference's penalty on identical tensors: the dense parameter (W0 with the learned values at the
+    selected entries), times its current mask, λ·Σσ by an SVD; returns the value and the gradient at the
+    selected entries."""
+    dense = base_weight.detach().clone().view(-1)
+    dense[method.indices.long()] = method.current_values().detach()
+    dense = dense.view(method.slot_shape).requires_grad_()
+    penalty = lambda_rank * torch.linalg.svd(dense * mask, full_matrices=False).S.sum()
+    penalty.backward()
+    return penalty.item(), dense.grad.view(-1)[method.indices.long()]
+
+
+def test_rank_penalty_after_reselection_is_the_references_on_the_entries_still_training():
+    base = mlp()
+    model = vp.attach(copy.deepcopy(base), "sara", targets=[nn.Linear], density=0.3, lambda_rank=0.01, progressive_at=0.5)
+    perturb(model, std=0.02)
+    eligible = [m for m in instances(model) if m.rank_eligible]
+    with torch.no_grad():
+        for m in eligible:
+            m.values[::3] += 10 * m.theta.float()  # these grew past θ and freeze at re-selection
+    initial_masks, grown = [], []
+    for i, m in zip((0, 2), eligible):
+        selected = torch.zeros(m.slot_shape, dtype=torch.bool).view(-1)
+        selected[m.indices.long()] = True
+        dense = base[i].weight.detach().clone().view(-1)
+        dense[m.indices.long()] = m.values.detach()
+        initial_masks.append(selected.view(m.slot_shape))
+        # the reference's re-selection: the initial mask and |current value| < θ
+        grown.append((selected & (dense.abs() < m.theta.float())).view(m.slot_shape))
+    vp.step(model, 5, 10)
+    for i, m, mask, initial in zip((0, 2), eligible, grown, initial_masks):
+        assert int(mask.sum()) == m.trainable_entries() < m.values.numel()
+        expected, expected_grad = _reference_rank_penalty(base[i].weight, m, mask, 0.01)
+        m.values.grad = None
+        penalty = m.rank_penalty()
+        penalty.backward()
+        assert abs(penalty.item() - expected) < 1e-5 * expected
+        assert max_rel(m.values.grad, expected_grad) < 1e-4
+        assert torch.all(m.values.grad[m.frozen] == 0)
+        # before re-selection the mask is the initial one: the same as our penalty of all selected values
+        unfrozen = copy.deepcopy(m)
+        unfrozen.frozen.zero_()
+        before, _ = _reference_rank_penalty(base[i].weight, m, initial, 0.01)
+        assert abs(unfrozen.rank_penalty().item() - before) < 1e-5 * before
+
+
+def test_a_drawn_layer_with_at_most_100_entries_still_training_adds_no_penalty_that_step():
+    model = vp.attach(mlp(), "sara", targets=[nn.Linear], density=0.3, lambda_rank=0.01, progressive_at=0.5)
+    first, second = [m for m in instances(model) if m.rank_eligible]
+    with torch.no_grad():
+        second.values[50:] += 10 * second.theta.float()  # all but 50 grow past θ
+    vp.step(model, 5, 10)
+    assert second.trainable_entries() == 50 and first.trainable_entries() > 100
+    expected = first.rank_penalty().item()
+    torch.manual_seed(0)
+    penalties = [vp.regularization(model).item() for _ in range(24)]
+    # as the reference: the layer is drawn among every 2-D slot with min(out, in) > 64, then skipped
+    # for that step when no more than 100 of its entries still train
+    assert all(p == 0 or abs(p - expected) < 1e-6 * expected for p in penalties)
+    assert 0 < penalties.count(0) < len(penalties)
 
 
 @pytest.mark.parametrize("path", ["auto", "sampled"])
@@ -343,7 +433,7 @@ def test_weight_path_keeps_no_weight_copy_and_gradients_are_exact(layer, shape, 
 
 @pytest.mark.parametrize("density, sampled", [(0.05, True), (0.5, False)])
 def test_auto_path_computes_no_dense_weight_gradient_on_sparse_linear_layers(density, sampled, monkeypatch):
-    sara_module = importlib.import_module("visionpeft.methods.sara")  # vp.methods is a function
+    sara_module = importlib.import_module("visionpeft.methods.sara_backprop")
 
     calls = []
     real = sara_module.sampled_weight_gradient

@@ -1,7 +1,8 @@
 """SNELLA / SNELL: kernels, the sparsifier, the budget schedule and allocation, the exact start, memory,
-and training with the schedule driven to its end on every model family the issue names. Exactness of
+and training with the schedule driven to its end on every supported model family. Exactness of
 merge/unmerge/detach/save/load on every layer kind and family is covered by test_layers / test_families."""
 import copy
+import math
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from conftest import Wrap, max_rel, perturb
 from visionpeft.core import adapted_layers
 import importlib
 
-from visionpeft.methods.snella import (allocate, distance_kernel, keep_largest, kernel_terms, kernel_value, scheduled_budget,
-                                     select_largest, softmax_mixture)
+from visionpeft.methods.snella_kernel import distance_kernel, kernel_terms, kernel_value, softmax_mixture
+from visionpeft.methods.snella_schedule import allocate, scheduled_budget
+from visionpeft.methods.snella_sparse import keep_largest, select_largest
 from visionpeft.models import build
 
 
@@ -103,7 +105,7 @@ def test_select_largest_breaks_ties_at_the_threshold_in_flat_order_and_a_second_
 
 
 def test_a_step_builds_the_kernel_once_in_forward_and_once_in_backward_and_selects_once(monkeypatch):
-    snella = importlib.import_module("visionpeft.methods.snella")
+    snella = importlib.import_module("visionpeft.methods.snella_sparse")
     calls = {"kernel_value": 0, "kernel_terms": 0, "select_largest": 0}
     for name in calls:
         def counted(*args, _original=getattr(snella, name), _name=name):
@@ -127,6 +129,35 @@ def test_cubic_budget_schedule():
     assert scheduled_budget(80, **args) == scheduled_budget(100, **args) == 200
     budgets = [scheduled_budget(s, **args) for s in range(101)]
     assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+
+
+def _reference_schedule(step, total_step, initial_warmup, final_warmup, mask_interval, init_volume, target_volume):
+    """The reference's global schedule (SNELL code, ``Allocator.schedule_threshold``) on integer volumes:
+    (budget, whether to re-allocate)."""
+    if step <= initial_warmup:
+        return init_volume, False
+    if step > total_step - final_warmup:
+        return target_volume, True
+    coeff = 1 - (step - initial_warmup) / (total_step - final_warmup - initial_warmup)
+    return int(target_volume + (init_volume - target_volume) * coeff ** 3), step % mask_interval == 0
+
+
+@pytest.mark.parametrize("total,warmup,final,interval", [(50, 0.1, 0.2, 3), (40, 0.0, 0.0, 1), (30, 0.2, 0.1, 4),
+                                                         (23, 0.1, 0.3, 5)])
+def test_reallocation_happens_at_the_references_steps_with_its_budget(total, warmup, final, interval):
+    model = vp.attach(nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 8)), "snella", targets=[nn.Linear],
+                      rank=4, density=0.3, init_density=0.9, warmup=warmup, final=final, interval=interval)
+    capacities = [40 * 24, 8 * 40]
+    initial, target = sum(math.floor(0.9 * n) for n in capacities), math.floor(0.3 * sum(capacities))
+    start, end_phase = round(warmup * total), round(final * total)
+    expected = initial
+    for step in range(1, total + 1):
+        vp.step(model, step, total)
+        budget, reallocate = _reference_schedule(step, total, start, end_phase, interval, initial, target)
+        if reallocate:
+            expected = budget
+        assert sum(int(m.budget) for m in methods_of(model)) == expected, step
+    assert expected == target
 
 
 def test_allocation_is_proportional_capped_and_exact():

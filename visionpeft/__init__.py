@@ -5,10 +5,10 @@
 """
 __version__ = "0.1.0"
 
-from visionpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
+from visionpeft import methods  # the subpackage; vp.methods() lists the registered names
 from visionpeft.by_name import adapters, delete, disabled, merge, set_active, unmerge
 from visionpeft.combine import combine
-from visionpeft.core import attach, detach, methods, regularization, step, trainable_parameters
+from visionpeft.core import attach, detach, regularization, step, trainable_parameters
 from visionpeft.extract import extract
 from visionpeft.io import load, save
 from visionpeft.routing import routing

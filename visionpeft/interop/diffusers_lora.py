@@ -1,4 +1,4 @@
-"""visionpeft LoRA ⇄ the LoRA files of the diffusers ecosystem.
+"""visionpeft LoRA and DoRA ⇄ the LoRA files of the diffusers ecosystem.
 
 Export writes what ``StableDiffusionPipeline.load_lora_weights`` reads: keys
 ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.<module>...``). That format carries no
@@ -6,6 +6,12 @@ alpha (diffusers then uses alpha = rank, a scale of 1), so visionpeft's scale (a
 with rslora) is folded into ``lora_B``: the product B·A, which is all a LoRA is, is unchanged. ``fmt="kohya"``
 writes ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (scale = alpha/rank)
 for tools that expect kohya-ss files.
+
+DoRA is a LoRA plus one magnitude per output channel: diffusers files carry it as PEFT does,
+``<component>.<module>.lora_magnitude_vector.weight`` ((out,) for a linear layer, (1, out, 1, 1) for a conv), which
+``load_lora_weights`` reads into PEFT's DoRA (the same function as visionpeft's); kohya files as LyCORIS's
+``dora_scale`` (out, 1[, 1, 1]), the per-output-channel norm. diffusers' Stable Diffusion loader drops
+``dora_scale`` keys, so for diffusers write ``fmt="diffusers"``.
 
 Import reads diffusers (PEFT-style ``lora_A``/``lora_B``, older ``lora.down``/``lora.up``, attention-processor
 ``to_q_lora``) and kohya (``lora_unet_…``/``lora_te_…`` with ``alpha``) files, and attaches visionpeft LoRA
@@ -39,6 +45,8 @@ class LoraFactors:
     down: torch.Tensor
     up: torch.Tensor
     scale: float
+    #: DoRA's magnitude, one value per output channel (None: a plain LoRA)
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -47,7 +55,7 @@ class LoraFactors:
 
 # --- export -------------------------------------------------------------------------------------
 def lora_factors(model: nn.Module, adapter: str = "default") -> dict[str, LoraFactors]:
-    """Per adapted layer of ``model``, the factors of visionpeft LoRA adapter ``adapter``. Raises ValueError for what
+    """Per adapted layer of ``model``, the factors of visionpeft LoRA or DoRA adapter ``adapter``. Raises ValueError for what
     a diffusers LoRA file cannot hold: another method, modules or biases trained fully (``unfreeze``), layers
     other than Linear and ungrouped Conv, and convs whose dilation or padding mode diffusers' LoRA does not copy."""
     from visionpeft.core import adapted_layers, records
@@ -57,8 +65,8 @@ def lora_factors(model: nn.Module, adapter: str = "default") -> dict[str, LoraFa
     if record is None:
         raise ValueError(f"{type(model).__name__} has no adapter named {adapter!r}; attached: "
                          f"{', '.join(records(model)) or '(none)'}")
-    if record.method != "lora":
-        raise ValueError(f"adapter {adapter!r} is {record.method!r}; only 'lora' exports as LoRA factors. "
+    if record.method not in ("lora", "dora"):
+        raise ValueError(f"adapter {adapter!r} is {record.method!r}; only 'lora' and 'dora' export as LoRA factors. "
                          f"{_OTHER_WAYS}")
     trained_fully = list(record.unfreeze) + list(record.unfreeze_parameters)
     if trained_fully:
@@ -74,8 +82,10 @@ def lora_factors(model: nn.Module, adapter: str = "default") -> dict[str, LoraFa
                 continue
             down, up, scale = method.factors()
             spatial = (1,) * (len(slot.shape) - 2)
+            magnitude = method.magnitude.detach() if record.method == "dora" else None
             factors[name] = LoraFactors(down=down.reshape(method.rank, *slot.shape[1:]),
-                                        up=up.reshape(slot.shape[0], method.rank, *spatial), scale=scale)
+                                        up=up.reshape(slot.shape[0], method.rank, *spatial), scale=scale,
+                                        magnitude=magnitude)
     if unsupported:
         raise ValueError(f"adapter {adapter!r} has layers with no diffusers LoRA equivalent: "
                          f"{', '.join(unsupported[:5])}"
@@ -111,14 +121,20 @@ def to_state_dict(components: dict[str, dict[str, LoraFactors]], fmt: str = "dif
     for component, layers in components.items():
         for module, f in layers.items():
             down, up = f.down.float().contiguous(), f.up.float().contiguous()
+            spatial = (1,) * (down.dim() - 2)
             if fmt == "diffusers":
                 state[f"{component}.{module}.lora_A.weight"] = down
                 state[f"{component}.{module}.lora_B.weight"] = (up * f.scale).contiguous()
+                if f.magnitude is not None:  # PEFT's shapes: (out,), or (1, out, 1, 1) on a conv
+                    shape = (1, -1, *spatial) if spatial else (-1,)
+                    state[f"{component}.{module}.lora_magnitude_vector.weight"] = f.magnitude.float().reshape(shape).contiguous()
             else:
                 stem = _KOHYA_PREFIX[component] + module.replace(".", "_")
                 state[f"{stem}.lora_down.weight"] = down
                 state[f"{stem}.lora_up.weight"] = up
                 state[f"{stem}.alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
+                if f.magnitude is not None:  # LyCORIS's norm on the output axis: (out, 1[, 1, 1])
+                    state[f"{stem}.dora_scale"] = f.magnitude.float().reshape(-1, 1, *spatial).contiguous()
     return state
 
 
@@ -161,9 +177,11 @@ def write_lora_file(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> 
 _DIFFUSERS_KEY = re.compile(
     r"(?:(?P<component>unet|text_encoder)\.)?(?:base_model\.model\.)?(?P<module>.+?)"
     r"\.(?:(?P<peft>lora_[AB])(?:\.[A-Za-z_]\w*)?\.weight"
-    r"|lora(?:_linear_layer)?\.(?P<old>down|up)\.weight|(?P<alpha>alpha))")
+    r"|lora(?:_linear_layer)?\.(?P<old>down|up)\.weight|(?P<alpha>alpha)"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.[A-Za-z_]\w*)?(?:\.weight)?)")
 _KOHYA_KEY = re.compile(
-    r"lora_(?P<component>unet|te1?)_(?P<module>\w+?)\.(?:(?P<part>lora_down|lora_up)\.weight|(?P<alpha>alpha))")
+    r"lora_(?P<component>unet|te1?)_(?P<module>\w+?)\.(?:(?P<part>lora_down|lora_up)\.weight|(?P<alpha>alpha)"
+    r"|(?P<magnitude>dora_scale))")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 
@@ -172,6 +190,7 @@ class _Entry:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
+    magnitude: torch.Tensor | None = None
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -220,7 +239,8 @@ def parse_state_dict(state: dict[str, torch.Tensor], models: dict[str, nn.Module
         rank = entry.down.shape[0]
         alpha, rslora = _alpha(metadata or {}, component, module, rank, entry.alpha)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        found[component][module] = LoraFactors(entry.down, entry.up, scale)
+        magnitude = None if entry.magnitude is None else entry.magnitude.reshape(-1)
+        found[component][module] = LoraFactors(entry.down, entry.up, scale, magnitude)
     return dict(found)
 
 
@@ -234,7 +254,9 @@ def _classify(key: str, indexes: dict[str, tuple[dict, dict]]) -> tuple[str, str
         if module is None:
             raise ValueError(f"LoRA file key {key!r}: the {component} has no module {kohya['module']!r} "
                              f"(kohya names are module names with '.' written as '_')")
-        return component, module, "alpha" if kohya["alpha"] else ("down" if kohya["part"] == "lora_down" else "up")
+        if kohya["alpha"] or kohya["magnitude"]:
+            return component, module, "alpha" if kohya["alpha"] else "magnitude"
+        return component, module, "down" if kohya["part"] == "lora_down" else "up"
     normalized = _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", key)
     match = _DIFFUSERS_KEY.fullmatch(normalized)
     if not match:
@@ -249,8 +271,9 @@ def _classify(key: str, indexes: dict[str, tuple[dict, dict]]) -> tuple[str, str
                          f"({', '.join(indexes)})")
     if module not in indexes[component][0]:
         raise ValueError(f"LoRA file key {key!r}: the {component} has no module {module!r}")
-    part = "alpha" if match["alpha"] else ("down" if match["peft"] == "lora_A" or match["old"] == "down" else "up")
-    return component, module, part
+    if match["alpha"] or match["magnitude"]:
+        return component, module, "alpha" if match["alpha"] else "magnitude"
+    return component, module, "down" if match["peft"] == "lora_A" or match["old"] == "down" else "up"
 
 
 def _alpha(metadata: dict[str, Any], component: str, module: str, rank: int, stored: float | None) -> tuple[float, bool]:
@@ -273,8 +296,8 @@ def _alpha(metadata: dict[str, Any], component: str, module: str, rank: int, sto
 def import_lora(source: str | os.PathLike | dict[str, torch.Tensor], unet: nn.Module,
                 text_encoder: nn.Module | None = None, *, name: str = "default") -> dict[str, list[str]]:
     """Attach visionpeft LoRA to ``unet`` (and ``text_encoder``) with the factors of a diffusers or kohya LoRA
-    file (or its tensors). Layers of equal rank and scale share one adapter: ``name``, then ``name_1``, ... when a
-    file mixes ranks. All or nothing: every group is checked before a model changes, and should attaching still
+    file (or its tensors); DoRA where the file has magnitudes. Layers of equal method, rank and scale share one
+    adapter: ``name``, then ``name_1``, ... when a file mixes them. All or nothing: every group is checked before a model changes, and should attaching still
     fail, the adapters attached by this call are removed again. Returns ``{component: [adapter names]}``."""
     from visionpeft.core import adapters_rolled_back_on_error
 
@@ -314,7 +337,7 @@ def _check_groups(model: nn.Module, component: str, groups: list[dict[str, LoraF
     for group_name, group in zip(names, groups):
         first = next(iter(group.values()))
         try:
-            resolve_options(get_method("lora"), {"rank": first.rank, "alpha": first.scale * first.rank})
+            resolve_options(get_method(_method(first)), {"rank": first.rank, "alpha": first.scale * first.rank})
             resolve_targets(model, list(group))
         except ValueError as err:
             raise ValueError(f"LoRA file: {component} layers {list(group)[:3]} (rank {first.rank}, scale "
@@ -325,7 +348,7 @@ def _group(model: nn.Module, layers: dict[str, LoraFactors], component: str) -> 
     from visionpeft.layers.adapted import layer_kind
 
     modules = dict(model.named_modules())
-    groups: dict[tuple[int, float], dict[str, LoraFactors]] = {}
+    groups: dict[tuple[str, int, float], dict[str, LoraFactors]] = {}
     for module_name, factors in layers.items():
         module = modules[module_name]
         kind = layer_kind(module)
@@ -335,7 +358,7 @@ def _group(model: nn.Module, layers: dict[str, LoraFactors], component: str) -> 
             raise ValueError(f"{component} module {module_name!r} ({type(module).__name__}) cannot carry a LoRA: "
                              f"only Linear and ungrouped Conv layers can")
         _check_shapes(component, module_name, slot, factors)
-        groups.setdefault((factors.rank, factors.scale), {})[module_name] = factors
+        groups.setdefault((_method(factors), factors.rank, factors.scale), {})[module_name] = factors
     return list(groups.values())
 
 
@@ -345,6 +368,9 @@ def _check_shapes(component: str, module: str, slot, f: LoraFactors) -> None:
     down_kernel = tuple(f.down.shape[2:])
     ok = f.down.numel() == rank * slot.in_features and f.up.numel() == out * rank and f.up.shape[0] == out \
         and (not kernel or down_kernel in (kernel, ()) or math.prod(down_kernel) == math.prod(kernel) == 1)
+    if f.magnitude is not None and f.magnitude.numel() != out:
+        raise ValueError(f"{component} module {module!r}: DoRA magnitude of shape {tuple(f.magnitude.shape)} does not "
+                         f"fit its {out} output channels")
     if not ok:
         fan_in = ", ".join(map(str, slot.shape[1:]))
         raise ValueError(f"{component} module {module!r}: LoRA factors down {tuple(f.down.shape)}, up {tuple(f.up.shape)} "
@@ -356,9 +382,16 @@ def _check_shapes(component: str, module: str, slot, f: LoraFactors) -> None:
 def _attach_group(model: nn.Module, group: dict[str, LoraFactors], name: str) -> str:
     import visionpeft as vp
 
-    rank, scale = next(iter(group.values())).rank, next(iter(group.values())).scale
-    vp.attach(model, "lora", targets=list(group), name=name, rank=rank, alpha=scale * rank)
+    first = next(iter(group.values()))
+    vp.attach(model, _method(first), targets=list(group), name=name, rank=first.rank, alpha=first.scale * first.rank)
     modules = dict(model.named_modules())
     for module_name, f in group.items():
-        modules[module_name].vp_adapters[name]["weight"].set_factors(f.down, f.up, f.scale)
+        method = modules[module_name].vp_adapters[name]["weight"]
+        method.set_factors(f.down, f.up, f.scale)
+        if f.magnitude is not None:
+            method.set_magnitude(f.magnitude)
     return name
+
+
+def _method(factors: LoraFactors) -> str:
+    return "lora" if factors.magnitude is None else "dora"

@@ -66,10 +66,12 @@ class AdaptedLayer:
         output_deltas = []
         taps = []  # (method, slot, its rows of the output): gradient from the op's input and output gradient
 
+        def sole(slot_name: str) -> bool:
+            return sum(slot_name in slots for _, slots in active) == 1
+
         def effective(method: nn.Module, base: torch.Tensor, slot_name: str, rows: slice) -> torch.Tensor:
             slot = self._vp_slots[slot_name]
-            if x is not None and method.gradient_from_output(slot) \
-                    and sum(slot_name in slots for _, slots in active) == 1:  # the sole adapter on this slot
+            if x is not None and method.gradient_from_output(slot) and sole(slot_name):
                 taps.append((method, slot, rows))
                 with torch.no_grad():
                     return method.effective_weight(base)
@@ -84,8 +86,8 @@ class AdaptedLayer:
                     starts = itertools.accumulate((p.shape[0] for p in parts), initial=0)
                     weights[slot_name] = _fused([effective(m, p, slot_name, slice(start, start + p.shape[0]))
                                                  for m, p, start in zip(methods, parts, starts)])
-                elif x is not None and methods.uses_activation_path(slot):
-                    output_deltas.append((methods, slot))
+                elif x is not None and methods.uses_activation_path(slot) and (not methods.reads_base or sole(slot_name)):
+                    output_deltas.append((methods, slot, slot_name))
                 else:
                     base = weights.get(slot_name, kind.read(self, slot_name))
                     weights[slot_name] = effective(methods, base, slot_name, slice(None))
@@ -95,9 +97,17 @@ class AdaptedLayer:
             out = base_forward(self, *args, **kwargs)
         for method, slot, rows in taps:
             out = method.tap_output(x, out, slot, rows)
-        for method, slot in output_deltas:
-            out = method.add_output_delta(x, out, slot)
+        for method, slot, slot_name in output_deltas:
+            if method.reads_base:  # the base output is W0·x + b here: no other adapter acts on this slot
+                out = method.add_output_delta(x, out, slot, *self.vp_base(slot_name))
+            else:
+                out = method.add_output_delta(x, out, slot)
         return out
+
+    def vp_base(self, slot_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slot's weight (canonical orientation) and the bias its op adds, for methods that read them."""
+        where = self._vp_kind.bias(self, slot_name)
+        return self._vp_kind.read(self, slot_name), None if where is None else getattr(*where)
 
     # --- weights -----------------------------------------------------------------------------
     def vp_delta(self, adapter: str, slot_name: str) -> torch.Tensor:
@@ -105,22 +115,28 @@ class AdaptedLayer:
         methods = self.vp_adapters[adapter][slot_name]
         if isinstance(methods, nn.ModuleList):
             return torch.cat([m.delta().float() for m in methods], dim=0)
+        if methods.reads_base:
+            return methods.delta(self._vp_kind.read(self, slot_name)).float()
         return methods.delta().float()
 
     def vp_merge(self, adapter: str, scale: float) -> None:
-        self._vp_add_delta(adapter, scale)
+        self._vp_fold(adapter, scale, merge=True)
         self._vp_merged[adapter] = scale
 
     def vp_unmerge(self, adapter: str) -> None:
         scale = self._vp_merged.pop(adapter)
-        self._vp_add_delta(adapter, -scale)
+        self._vp_fold(adapter, scale, merge=False)
 
     @torch.no_grad()
-    def _vp_add_delta(self, adapter: str, scale: float) -> None:
-        for slot_name in self.vp_adapters[adapter]:
+    def _vp_fold(self, adapter: str, scale: float, merge: bool) -> None:
+        for slot_name, methods in self.vp_adapters[adapter].items():
             weight = self._vp_kind.read(self, slot_name)
-            delta = self.vp_delta(adapter, slot_name).to(weight.device)
-            self._vp_kind.write(self, slot_name, (weight.float() + scale * delta).to(weight.dtype))
+            if getattr(methods, "reads_base", False):  # ΔW depends on W0: the method inverts its own merge
+                folded = methods.merged_weight(weight, scale) if merge else methods.unmerged_weight(weight, scale)
+            else:
+                delta = self.vp_delta(adapter, slot_name).to(weight.device)
+                folded = weight.float() + (scale if merge else -scale) * delta
+            self._vp_kind.write(self, slot_name, folded.to(weight.dtype))
 
     def vp_set_inactive(self, names) -> None:
         self._vp_inactive = frozenset(names)

@@ -65,6 +65,11 @@ class Method(nn.Module):
     options: ClassVar[dict[str, Option]] = {}
     #: adapt a fused projection (q/k/v stacked in one weight) per block instead of whole
     split_fused: ClassVar[bool] = False
+    #: ΔW is a function of the base weight too (DoRA's and MAP's normalisations). The layer then calls
+    #: ``delta(weight)``, ``add_output_delta(x, out, slot, weight, bias)`` (only where the method is the sole
+    #: adapter on the slot, so ``out`` is W0·x + b) and merges through ``merged_weight(weight, scale)`` /
+    #: ``unmerged_weight(merged, scale)`` (float32), with ``weight`` the slot's weight as the layer holds it.
+    reads_base: ClassVar[bool] = False
 
     def __init__(self, slot: Slot, **options: Any) -> None:
         super().__init__()

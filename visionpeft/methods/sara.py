@@ -4,20 +4,22 @@ Selection. One global magnitude threshold θ over every targeted tensor: the ent
 (strict, as in the paper) train, everything else stays frozen. Give exactly one of ``threshold`` (θ
 itself), ``density`` (fraction of all targeted entries) or ``budget`` (number of entries); with none,
 ``density=0.05``, so a call works on a model of any weight scale. For density/budget θ is the (k+1)-th
-smallest magnitude of all targeted entries, found exactly from two histograms of the float32 bit
-patterns built one tensor at a time (no copy of all the weights, unlike a global ``kthvalue``;
-``torch.quantile`` refuses more than 2^24 entries), so exactly k entries train unless magnitudes tie at
-θ (then fewer). ``targets="all"`` selects every parameter
-tensor (biases, norms, embeddings), as the paper does for UNets.
+smallest magnitude of all targeted entries, found exactly by a radix select on the magnitudes' bit
+patterns, one tensor at a time (``sara_select``; no copy of all the weights, unlike a global ``kthvalue``;
+``torch.quantile`` refuses more than 2^24 entries). Magnitudes are compared in float32, or in float64 when
+a targeted weight is float64 (every magnitude exact, so no rounding moves an entry across θ), and exactly
+k entries train unless magnitudes tie at θ (then fewer). ``targets="all"`` selects every parameter tensor
+(biases, norms, embeddings), as the paper does for UNets.
 
 Parameterization. Per slot: ``indices`` (flat positions into the canonical weight, int32 below 2^31
 entries, sorted; no weight-sized mask is kept), ``original = W0[indices]`` and the trainable leaf
-``values``, initialised to ``original`` (not to zero, and not to ``|original|``: bug 2 of the release).
+``values``, initialised to ``original`` (not to zero, and not to ``|original|`` as the released code writes).
 The layer runs with ``W0 + scatter(values − original)``, rebuilt every forward, so attaching is bit-exact,
 the delta for merge/unmerge/``scale`` is ``scatter(values − original)``, and ``values`` is an ordinary
 leaf: gradient accumulation, clipping, DDP/FSDP and ``model.parameters()`` all see it.
 
-Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is nnz-sized. Paths:
+Sparse backprop (``sara_backprop``). No base weight ever gets a ``.grad`` and the optimizer state is
+nnz-sized. Paths:
 
 * ``"weight"`` (every layer kind): a custom autograd function copies W and index-adds the value change
   in forward; backward returns only the gathered gradient ``dW[indices]`` (the dense dW of one layer
@@ -26,7 +28,7 @@ Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is
   (``layers.kinds.rebuilt_on_backward``; a clone and an index_add, cheap next to the matmuls).
 * ``"sampled"`` (linear ops and ungrouped zero-padded 2-D convs, where SaRA is the only adapter on the
   weight): the op runs with W + ΔW as a constant, so it computes no weight gradient, and an output tap
-  (:class:`_SampledGradientTap`) computes only the selected entries ``dW[i, j] = Σ_t g[t, i] · x[t, j]``
+  (``SampledGradientTap``) computes only the selected entries ``dW[i, j] = Σ_t g[t, i] · x[t, j]``
   (``layers.sampled``: a gather-dot compiled by inductor, nothing entries × tokens materialized; a conv's
   x is its unfolded input, one batch chunk at a time).
 * ``"sparse"`` (linear ops, float32/64): the base op runs unchanged and the change is added to its
@@ -35,26 +37,18 @@ Sparse backprop. No base weight ever gets a ``.grad`` and the optimizer state is
 * ``"auto"`` (default): sampled where it applies and the layer trains at most ``SAMPLED_MAX_DENSITY``
   (10 %) of its entries, weight everywhere else.
 
-Measured (``python benchmarks/sara.py --backprop``: forward + backward of one linear layer, x needing a
-gradient, 2 CPU threads; ms, median of 10):
+Why these defaults (``python benchmarks/sara.py --backprop`` measures the three paths on one layer;
+``benchmarks/README.md`` has the numbers): the sampled gradient beats the dense dW when a layer trains a
+small fraction of its entries and loses when it trains a large one, hence the 10 % bound of ``"auto"``;
+torch's CSR products are no faster than the dense dW they avoid (they also run the base op's own backward
+for x), so ``"sparse"`` is opt-in (worth measuring on GPUs).
 
-    (out, in), tokens      density   weight   sampled   sparse
-    (1536, 384), 1576       0.03       95        80       101
-    (1536, 384), 1576       0.1        93        83       122
-    (1536, 384), 1576       0.3        92       101       196
-    (384, 1536), 1576       0.03       87        72       105
-    (384, 1536), 1576       0.2        88        98       175
-    (1280, 1280), 512       0.05       83        66        83
-    (1280, 1280), 512       0.3        86        93       184
-
-The sampled gradient wins below about 15 % of the entries and loses above 20 %; torch's CSR products
-are no faster than the dense dW they avoid (they also run the base op's own backward for x), so
-``"sparse"`` is opt-in (worth measuring on GPUs).
-
-Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the current values
-scattered into a zero matrix; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE eligible
-layer drawn uniformly per call (torch's RNG): 2-D slots with ``min(out, in) > 64`` and more than 100
-selected entries, as in the reference. ``lambda_rank`` defaults to 5e-4, the released recipe; the
+Rank penalty. ``visionpeft.regularization`` returns ``lambda_rank · ‖W_M‖_*`` (``W_M``: the values of the
+entries still training scattered into a zero matrix, so entries frozen by re-selection count as 0, as the
+reference's ``param * current_mask``; float32 ``torch.linalg.svdvals``, gradient to ``values``) for ONE
+layer drawn uniformly per call (torch's RNG) among the 2-D slots with ``min(out, in) > 64``. As in the
+reference, a drawn layer with 100 or fewer entries still training adds nothing that call (checked at each
+draw, so a layer can drop out after re-selection). ``lambda_rank`` defaults to 5e-4, the released recipe; the
 paper's appendix says 5e-3.
 
 Progressive re-selection. ``visionpeft.step(model, step, total)`` at the first ``step >= progressive_at ·
@@ -62,8 +56,8 @@ total`` (default 0.5; 1.0 disables) freezes the entries whose current value has 
 their learned values are copied to ``frozen_values`` and the forward uses that copy from then on, so
 they get zero gradient and anything the optimizer still does to them (momentum, weight decay) has no
 effect. ``values`` keeps its size, so the optimizer and its state for the surviving entries carry on
-unchanged (no rebuild, no reset, no skipped update: bugs 1 and 10 of the release). The state is saved
-with the adapter (``frozen``, ``frozen_values``, ``reselected``).
+unchanged (the released optimizer rebuilds itself, resets its moments and skips that step's update).
+The state is saved with the adapter (``frozen``, ``frozen_values``, ``reselected``).
 
 Saving. ``indices``, ``values``, ``original``, θ and a fingerprint of the whole base tensor (float64
 sums, absolute sums and squared sums over 8 contiguous chunks) are saved; loading onto a base whose
@@ -72,15 +66,16 @@ fingerprint differs (relative 1e-3) raises ValueError before the model is touche
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from visionpeft.layers.kinds import Slot, rebuildable
-from visionpeft.layers.sampled import sampled_conv2d_weight_gradient, sampled_weight_gradient
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, register
+from visionpeft.methods.sara_backprop import (SampledGradientTap, ScatterAdd, SparseLinearDelta, csr_structure,
+                                              scatter_add_copy)
+from visionpeft.methods.sara_select import global_threshold, magnitudes, selection_dtype
 
 DEFAULT_DENSITY = 0.05
 _RANK_MIN_SIZE = 64
@@ -106,8 +101,8 @@ def _fraction(value: Any) -> bool:
 
 
 PATHS = ("auto", "weight", "sampled", "sparse")
-#: the largest fraction of a layer's entries at which ``path="auto"`` takes the sampled gradient: the gather-dot
-#: measured 2-4x faster than the dense gᵀx at 3-5 %, and slower above about 20 % (``benchmarks/sara.py --backprop``)
+#: the largest fraction of a layer's entries at which ``path="auto"`` takes the sampled gradient: below it the
+#: gather-dot beats the dense gᵀx, well above it it loses (``benchmarks/sara.py --backprop``)
 SAMPLED_MAX_DENSITY = 0.1
 
 
@@ -119,127 +114,6 @@ def fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """(3, chunks) float64: sum, absolute sum and squared sum of 8 contiguous chunks of the flat weight."""
     chunks = weight.detach().reshape(-1).double().tensor_split(_FINGERPRINT_CHUNKS)
     return torch.stack([torch.stack([c.sum(), c.abs().sum(), c.square().sum()]) for c in chunks], dim=1)
-
-
-def _magnitude_bits(weight: torch.Tensor) -> torch.Tensor:
-    """|w| as float32 bit patterns: for non-negative floats, integer order is numeric order."""
-    return weight.detach().reshape(-1).float().abs().view(torch.int32)
-
-
-def _first_reaching(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bucket holding the ``rank``-th smallest entry (1-based), and how many entries lie before it."""
-    cumulative = counts.cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, torch.tensor([rank], device=cumulative.device)))
-    return bucket, int(cumulative[bucket - 1]) if bucket else 0
-
-
-def global_threshold(weights: Sequence[torch.Tensor], keep: int) -> float:
-    """θ such that exactly the ``keep`` smallest magnitudes are ``< θ`` (fewer if magnitudes tie at θ):
-    the (keep+1)-th smallest magnitude. Exact, in two passes over the tensors one at a time (a histogram
-    of the high 16 bits of the float32 magnitudes, then of the low 16 bits inside the one bucket that
-    holds it), so no copy of all the weights is made as a global ``kthvalue`` would."""
-    if keep >= sum(w.numel() for w in weights):
-        return math.inf
-    buckets = 1 << 16
-    high = sum(torch.bincount(_magnitude_bits(w) >> 16, minlength=buckets).cpu() for w in weights)
-    bucket, before = _first_reaching(high, keep + 1)
-    low = sum(torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=buckets).cpu()
-              for bits in map(_magnitude_bits, weights))
-    offset, _ = _first_reaching(low, keep + 1 - before)
-    return torch.tensor((bucket << 16) | offset, dtype=torch.int32).view(torch.float32).item()
-
-
-def _storage_positions(index: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
-    """Storage offsets of the row-major flat positions ``index`` in a dense tensor with ``strides``."""
-    positions = torch.zeros_like(index)
-    remaining = index
-    for size, stride in zip(reversed(shape), reversed(strides)):
-        positions = positions + (remaining % size) * stride
-        remaining = torch.div(remaining, size, rounding_mode="floor")
-    return positions
-
-
-def scatter_add_copy(weight: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """A copy of ``weight`` with ``source`` added at the row-major flat positions ``index``. The copy keeps
-    the weight's memory layout (a transposed Conv1D weight stays transposed), so the op runs the same
-    kernel as on the base weight."""
-    out = weight.clone()
-    if out.is_contiguous():
-        out.view(-1).index_add_(0, index, source)
-    else:  # dense but permuted: address the storage directly
-        flat = out.as_strided((out.numel(),), (1,))
-        flat.index_add_(0, _storage_positions(index, tuple(out.shape), out.stride()), source)
-    return out
-
-
-class _ScatterAdd(torch.autograd.Function):
-    """:func:`scatter_add_copy` whose backward returns only the gathered gradient ``grad[index]``."""
-
-    @staticmethod
-    def forward(ctx, weight, source, index):
-        ctx.save_for_backward(index)
-        return scatter_add_copy(weight, source, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        grad_weight = grad if ctx.needs_input_grad[0] else None
-        grad_source = grad.reshape(-1).index_select(0, index) if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_source, None
-
-
-class _SampledGradientTap(torch.autograd.Function):
-    """The op's output unchanged; backward gives the values the selected entries of gᵀx (and g passes on)."""
-
-    @staticmethod
-    def forward(ctx, out, x, values, method, slot, rows):
-        ctx.save_for_backward(x)
-        ctx.method, ctx.slot, ctx.rows = method, slot, rows
-        ctx.mark_dirty(out)  # returned as itself, not as a view, so later in-place ops on it stay legal
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        method, slot = ctx.method, ctx.slot
-        fan_in = math.prod(method.slot_shape[1:])
-        rows, cols = method.indices // fan_in, method.indices % fan_in
-        if slot.op == "linear":
-            grad_values = sampled_weight_gradient(grad[..., ctx.rows], x, rows, cols, method.values.dtype)
-        else:  # an ungrouped 2-D convolution (SaRA.gradient_from_output); output channels are dim -3
-            grad_values = sampled_conv2d_weight_gradient(grad[..., ctx.rows, :, :], x, rows, cols, method.values.dtype,
-                                                         slot.kernel_size, slot.stride, slot.dilation,
-                                                         slot.reversed_padding)
-        if method.progressive:
-            grad_values.masked_fill_(method.frozen, 0)
-        return grad, None, grad_values, None, None, None
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-class _SparseLinearDelta(torch.autograd.Function):
-    """``x · ΔWᵀ`` for x (tokens, in) and ΔW (out, in) given as CSR; backward computes only ΔW's entries."""
-
-    @staticmethod
-    def forward(ctx, x, delta_values, crow, col, shape):
-        ctx.save_for_backward(x, delta_values, crow, col)
-        ctx.shape = shape
-        return (_csr(crow, col, delta_values, shape) @ x.t()).t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, delta_values, crow, col = ctx.saved_tensors
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (_csr(crow, col, delta_values, ctx.shape).t() @ grad.t()).t()
-        if ctx.needs_input_grad[1]:
-            pattern = _csr(crow, col, torch.zeros_like(delta_values), ctx.shape)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad.t().contiguous(), x, beta=0.0).values()
-        return grad_x, grad_values, None, None, None
 
 
 @register
@@ -286,8 +160,8 @@ class SaRA(Method):
         self.lambda_rank = lambda_rank
         self.progressive_at = progressive_at
         self.path = path
-        self.rank_eligible = (len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
-                              and self.values.numel() > _RANK_MIN_ENTRIES)
+        # the shape rule is fixed; the entry count is checked at each draw (model_penalty)
+        self.rank_eligible = len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
         self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- selection ---------------------------------------------------------------------------
@@ -310,9 +184,10 @@ class SaRA(Method):
                 keep = max(1, round(density * total))
             theta = global_threshold(weights, keep)
         per_slot = []
+        dtype = selection_dtype(weights)
         for _, _, weight in slots:
             flat = weight.detach().reshape(-1)
-            indices = (flat.abs() < theta).nonzero().squeeze(1)
+            indices = (magnitudes(weight, dtype) < theta).nonzero().squeeze(1)
             per_slot.append(dict(options, selection={
                 "indices": indices, "original": flat[indices], "theta": theta, "fingerprint": fingerprint(weight)}))
         return per_slot
@@ -351,7 +226,7 @@ class SaRA(Method):
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         change = self.value_change().to(weight.dtype)
-        effective = _ScatterAdd.apply(weight, change, self.indices)
+        effective = ScatterAdd.apply(weight, change, self.indices)
         # the op saves a recipe instead of this weight-sized copy (layers.kinds.rebuilt_on_backward)
         frozen_change, index = change.detach(), self.indices
         return rebuildable(effective, weight, lambda base: scatter_add_copy(base, frozen_change, index))
@@ -368,22 +243,19 @@ class SaRA(Method):
     def tap_output(self, x: torch.Tensor, out: torch.Tensor, slot: Slot, rows: slice) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.values.requires_grad):
             return out
-        return _SampledGradientTap.apply(out, x, self.values, self, slot, rows)
+        frozen = self.frozen if self.progressive else None
+        return SampledGradientTap.apply(out, x, self.values, self.indices, frozen, slot, rows)
 
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         crow, col = self._csr()
         rows = x.reshape(-1, x.shape[-1])
-        change = _SparseLinearDelta.apply(rows, self.value_change().to(x.dtype), crow, col, tuple(self.slot_shape))
+        change = SparseLinearDelta.apply(rows, self.value_change().to(x.dtype), crow, col, tuple(self.slot_shape))
         return out.add_(change.reshape(out.shape).to(out.dtype))
 
     def _csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CSR row pointers and column indices of the selection (cached; indices are sorted)."""
         if self._csr_structure is None or self._csr_structure[1].device != self.indices.device:
-            out, fan_in = self.slot_shape
-            rows = torch.div(self.indices, fan_in, rounding_mode="floor")
-            crow = torch.zeros(out + 1, dtype=self.indices.dtype, device=self.indices.device)
-            crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
-            self._csr_structure = (crow, self.indices % fan_in)
+            self._csr_structure = csr_structure(self.indices, self.slot_shape)
         return self._csr_structure
 
     # --- training hooks ----------------------------------------------------------------------
@@ -392,8 +264,10 @@ class SaRA(Method):
         return self.values.numel() - (int(self.frozen.sum()) if self.progressive else 0)
 
     def rank_penalty(self) -> torch.Tensor:
-        """``lambda_rank · ‖W_M‖_*`` of the current values in float32."""
-        values = self.current_values().float()
+        """``lambda_rank · ‖W_M‖_*`` in float32, W_M the values of the entries still training (frozen ones: 0)."""
+        values = self.values.float()
+        if self.progressive:
+            values = values.masked_fill(self.frozen, 0)
         matrix = torch.zeros(math.prod(self.slot_shape), dtype=torch.float32, device=values.device)
         matrix = matrix.index_add(0, self.indices, values).view(self.slot_shape)
         return self.lambda_rank * torch.linalg.svdvals(matrix).sum()
@@ -403,7 +277,8 @@ class SaRA(Method):
         eligible = [m for m in instances if m.rank_eligible and m.lambda_rank > 0]
         if not eligible:
             return None
-        return eligible[int(torch.randint(len(eligible), ()))].rank_penalty()
+        drawn = eligible[int(torch.randint(len(eligible), ()))]
+        return drawn.rank_penalty() if drawn.trainable_entries() > _RANK_MIN_ENTRIES else None
 
     @torch.no_grad()
     def reselect(self) -> None:

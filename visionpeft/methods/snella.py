@@ -12,7 +12,10 @@ and only the ``budget`` largest-magnitude entries of K (or K') survive (competit
 (competition across layers, :meth:`SNELLA.model_step`); SNELL (``"snell"``) keeps every layer at
 ``density`` with the plain distance kernel.
 
-Choices that differ from the reference code (``shared/methods/flora_snella.md`` §2-3, §6):
+The module holds the method's choices; the kernel math is in ``snella_kernel``, the sparsifier and the
+autograd functions in ``snella_sparse``, the budget schedule and its allocation in ``snella_schedule``.
+
+Choices that differ from the reference code (the SNELL repository, ``ssfgunner/SNELL``):
 
 * **Exact zero start.** The reference draws the two pieces independently, so K starts small but not zero.
   Here both pieces start identical (in_1 = in_2, out_1 = out_2, Kaiming-uniform as the reference): with
@@ -29,11 +32,12 @@ Choices that differ from the reference code (``shared/methods/flora_snella.md`` 
   nothing would ever train, so ΔW = K on the kept entries (gradient 1 there, 0 elsewhere). Dropped
   entries re-enter through the shared factors. Consequence: the reference's learning rates do not carry
   over (its updates are quadratic in K, these are linear).
-* **Threshold by an exact selection** (:func:`select_largest`: the budget-th largest magnitude, ties at it
+* **Threshold by an exact selection** (``snella_sparse.select_largest``: the budget-th largest magnitude, ties at it
   broken in flat order), which keeps exactly ``budget`` entries even with ties and works past torch.quantile's
   2^24 limit; the backward finds the same entries from the saved threshold.
 * **Budgets are integer counts** (a persistent int64 buffer ``budget``, saved with the adapter), so the
-  global target holds exactly: at the end of the schedule Σ budget = ⌊density · Σ numel⌋.
+  global target holds exactly: from the first re-allocation in the final phase (or at the last step of the
+  decay) on, Σ budget = ⌊density · Σ numel⌋.
 
 Schedule (SNELLA): call ``vp.step(model, step, total_steps)`` after every ``optimizer.step()`` and *before*
 ``zero_grad()`` — the importance needs the gradients. ``step`` counts optimizer steps (1..total_steps);
@@ -41,246 +45,45 @@ Schedule (SNELLA): call ``vp.step(model, step, total_steps)`` after every ``opti
 importance EMAs of |θ·∇θ| over both factors (sensitivity Ī, uncertainty Ū = EMA |I − Ī|; layer score =
 mean(Ī·Ū) over ``in_pieces`` + the same over ``out_pieces``). The global budget stays at ``init_density``
 during the warm-up, decays cubically to ``density``, and is held there in the final phase; budgets are
-re-allocated proportionally to the scores every ``interval`` steps during the decay and at every step of
-the final phase. (The reference calls its allocator once per epoch; here the units are the caller's steps.)
+re-allocated proportionally to the scores at every step of the decay that is a multiple of ``interval``
+(``step % interval == 0``, the last step of the decay included) and at every step of the final phase after
+it, as the reference's schedule (``snella_schedule.reallocation_budget``). (The reference calls its allocator once per
+epoch; here the units are the caller's steps.)
 
 Memory and paths (``path``): nothing (out, in)-sized is kept between forward and backward. ΔW comes from
-:class:`_SparseKernel`, which saves the factors and the top-k threshold; its backward rebuilds the kernel and
-differentiates it in closed form (no autograd graph over (out, in) intermediates, no second top-k). The
-kept entries are found by a radix select on the magnitudes' float bits (:func:`select_largest`), and masks are
-float, not boolean (``torch.where`` on a boolean mask cost 1.7 ms on fc1's 1536 × 384 on CPU, a multiply 0.1).
+:class:`~visionpeft.methods.snella_sparse.SparseKernel`, which saves the factors and the top-k threshold; its
+backward rebuilds the kernel and differentiates it in closed form (no autograd graph over (out, in)
+intermediates, no second top-k). The kept entries are found by a radix select on the magnitudes' float bits,
+and masks are float, not boolean (on CPU a multiply by a float mask is many times faster than ``torch.where``
+on a boolean one).
 ``"weight"`` (default) runs the op with W + ΔW; the op keeps the factors, not W + ΔW, for backward
 (``layers.kinds.rebuilt_on_backward``), and that rebuild hands its kernel terms on to the gradient, so the
 kernel is built once in forward and once in backward. That is one matmul more than the frozen layer (the
 gradient of W + ΔW), as full fine-tuning. ``"activation"`` adds x·ΔWᵀ to the base output (a custom autograd
 function on linear ops, non-reentrant checkpointing on convs): three matmuls more; it is the only path that
 can drop the adapter's input, so dropout always uses it. Grouped convs without dropout, MultiheadAttention,
-fused q/k/v blocks and generic modules always run as W + ΔW. Measured on ViT-S/16 fc1 (1576 tokens,
-384 → 1536, 2 CPU threads), forward + backward: frozen 58 ms, LoRA 67, full fine-tuning 94, SNELLA 117
-(was 171 with autograd through the kernel and a second top-k), activation path 188.
+fused q/k/v blocks and generic modules always run as W + ΔW. ``benchmarks/snella.py`` measures the paths
+(the tables are in ``benchmarks/README.md``).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionpeft.layers.kinds import Slot, rebuildable
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, probability, register
-
-#: α_p of the distance kernel's two pieces (constants in the reference code); opposite signs are what
-#: makes identical pieces an exact zero start
-PIECE_WEIGHTS = (0.1, -0.1)
-
-
-# --- kernels ---------------------------------------------------------------------------------------
-#: D² below this is clamped (round-off can make ‖r‖² + ‖c‖² − 2 r·c negative); no gradient flows there
-SQUARED_DISTANCE_FLOOR = 1e-30
-
-
-def pairwise_distances(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """‖rows[p, j] − columns[p, i]‖₂ for every piece p, shaped (P, len(rows), len(columns)).
-
-    ‖r‖² + ‖c‖² − 2 r·c as one batched matmul of [r, ‖r‖², 1] and [−2c, 1, ‖c‖²], so the (out, in) result is
-    written once. Not ``torch.cdist``, which runs other kernels with and without autograd: the forward, the
-    rebuild in backward and ``delta()`` (merge) must round identically so that the kept entries and the merged
-    weight match the trained forward.
-    """
-    ones = rows.new_ones(rows.shape[0], 1, 1)
-    row_terms = torch.cat([rows, rows.pow(2).sum(-1, keepdim=True), ones.expand(-1, rows.shape[1], 1)], dim=-1)
-    column_terms = torch.cat([columns * -2, ones.expand(-1, columns.shape[1], 1), columns.pow(2).sum(-1, keepdim=True)],
-                             dim=-1)
-    squared = torch.bmm(row_terms, column_terms.transpose(-1, -2))
-    return squared.clamp_min_(SQUARED_DISTANCE_FLOOR).sqrt_()
-
-
-def combine_pieces(distances: torch.Tensor, weights: Sequence[float] = PIECE_WEIGHTS,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_p weights[p] · distances[p], summed elementwise (not as a contraction), so identical pieces with
-    weights of opposite sign give exactly zero. ``out`` may be ``distances[0]`` (computed in place)."""
-    if len(weights) == 2 and weights[1] == -weights[0]:  # (α, −α) as in the reference: α · (D₀ − D₁), two passes
-        return torch.sub(distances[0], distances[1], out=out).mul_(weights[0])
-    kernel = torch.mul(distances[0], weights[0], out=out)
-    for piece, weight in zip(distances[1:], weights[1:]):
-        kernel.add_(piece * weight)  # not alpha=: a fused multiply-add would round differently
-    return kernel
-
-
-def distance_kernel(in_pieces: torch.Tensor, out_pieces: torch.Tensor,
-                    weights: Sequence[float] = PIECE_WEIGHTS) -> torch.Tensor:
-    """K[j, i] = Σ_p weights[p] · ‖out_pieces[p, j] − in_pieces[p, i]‖₂, shaped (out, in)."""
-    return combine_pieces(pairwise_distances(out_pieces, in_pieces), weights)
-
-
-def centred_softmax(kernel: torch.Tensor, temperature: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax over outputs (dim 0) of K / temperature, minus the uniform 1/out; computed as (e − Σe/out) / Σe,
-    which is exactly zero when K is constant along the outputs. Written into ``out`` when given."""
-    z = torch.div(kernel, temperature, out=out)
-    e = z.sub_(z.amax(dim=0, keepdim=True)).exp_()
-    total = e.sum(dim=0, keepdim=True)
-    return e.sub_(total / kernel.shape[0]).div_(total)
-
-
-def softmax_mixture(kernel: torch.Tensor, scale: torch.Tensor, temperature: torch.Tensor,
-                    shift: torch.Tensor) -> torch.Tensor:
-    """SNELLA's mixture K + scale · (softmax over outputs of K / temperature − 1/out) + shift; exactly zero when
-    K is. Like every kernel function here it works in place and is not for autograd: :class:`_SparseKernel`
-    differentiates the kernel by hand."""
-    return _mix(kernel, centred_softmax(kernel, temperature), scale, shift)
-
-
-def _mix(kernel: torch.Tensor, centred: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-         in_place: bool = False) -> torch.Tensor:
-    mixed = kernel.addcmul_(centred, scale) if in_place else torch.addcmul(kernel, centred, scale)
-    return mixed.add_(shift)
-
-
-class KernelTerms(NamedTuple):
-    """The merged kernel and the intermediates its gradient needs (all (out, in) but ``distances``)."""
-
-    distances: torch.Tensor  # (P, out, in)
-    kernel: torch.Tensor  # Σ_p α_p D_p
-    centred: torch.Tensor | None  # softmax over outputs of kernel / γ, minus 1/out (mixture only)
-    value: torch.Tensor | None  # what is sparsified: the kernel, or the mixture
-
-
-def kernel_terms(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> KernelTerms:
-    """The distance kernel of the factors and, with ``mixture`` = (scale a, temperature γ, shift β), SNELLA's
-    softmax mixture on top (β per input: β / fan_in, module docstring), with the intermediates. No autograd;
-    autocast off, so the forward, the rebuild in backward and ``delta()`` all compute the same float32 values."""
-    with torch.no_grad(), torch.autocast(in_pieces.device.type, enabled=False):
-        distances = pairwise_distances(out_pieces, in_pieces)
-        kernel = combine_pieces(distances)
-        if mixture is None:
-            return KernelTerms(distances, kernel, None, kernel)
-        centred = centred_softmax(kernel, mixture[1])
-        return KernelTerms(distances, kernel, centred, _mix(kernel, centred, mixture[0], mixture[2] / kernel.shape[1]))
-
-
-def kernel_value(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernel_terms(...).value``, bit for bit (the same operations), computed in place in the two (out, in)
-    buffers of the distances: what the forward needs, at a third of the transient memory."""
-    with torch.no_grad(), torch.autocast(in_pieces.device.type, enabled=False):
-        distances = pairwise_distances(out_pieces, in_pieces)
-        kernel = combine_pieces(distances, out=distances[0])
-        if mixture is None:
-            return kernel
-        centred = centred_softmax(kernel, mixture[1], out=distances[1])
-        return _mix(kernel, centred, mixture[0], mixture[2] / kernel.shape[1], in_place=True)
-
-
-# --- the sparsifier ---------------------------------------------------------------------------------
-class TopSelection(NamedTuple):
-    """The ``budget`` largest of some magnitudes: every entry above ``threshold``, plus the first ``ties``
-    (in flat order) of those equal to it (``ties=None``: all of those). A threshold, not a mask, so the
-    backward can find the same entries again without keeping anything weight-sized or sorting again."""
-
-    budget: int
-    threshold: torch.Tensor | None  # None when nothing is dropped
-    ties: int | None
-
-    def mask(self, magnitude: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
-        """1 on the kept entries of ``magnitude``, 0 elsewhere (in its dtype: float arithmetic runs several times
-        faster than a boolean mask and ``torch.where`` on CPU), written over ``magnitude`` when ``in_place``;
-        None when every entry is kept."""
-        if self.threshold is None:
-            return None
-        if self.budget <= 0:
-            return magnitude.zero_() if in_place else torch.zeros_like(magnitude)
-        if self.ties is None:  # sign(|k| − t) + 1, capped at 1: 1 at or above the threshold, 0 below
-            shifted = magnitude.sub_(self.threshold) if in_place else magnitude - self.threshold
-            return shifted.sign_().add_(1).clamp_max_(1)
-        tied = magnitude == self.threshold
-        first = tied.flatten().cumsum(0).view_as(tied) <= self.ties
-        kept = (magnitude > self.threshold) | (tied & first)
-        return magnitude.copy_(kept) if in_place else kept.to(magnitude.dtype)
-
-
-def select_largest(magnitude: torch.Tensor, budget: int) -> TopSelection:
-    """The ``budget`` largest entries of a non-negative ``magnitude`` (exactly ``budget``, ties broken in flat
-    order), found by a radix pass on the float bits: a histogram of the top 16 bits locates the bucket holding
-    the budget-th largest, and only that bucket is searched. 2.5x faster than ``topk`` at ViT-S's fc1 size on
-    CPU, and not subject to torch.quantile's 2^24 limit."""
-    numel = magnitude.numel()
-    if budget >= numel:
-        return TopSelection(budget, None, None)
-    if budget <= 0:
-        return TopSelection(budget, magnitude.new_tensor(math.inf), 0)
-    flat = magnitude.detach().flatten()
-    bits = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}.get(flat.dtype)
-    if bits is None:  # other dtypes: plain topk
-        largest = flat.topk(budget, sorted=False).values
-        threshold = largest.min()
-        above = int((largest > threshold).sum())
-    else:  # non-negative floats order like their bit patterns
-        integer, shift = bits
-        bucket = flat.view(integer) >> shift
-        counts = torch.bincount(bucket, minlength=1 << 15)
-        at_or_above = counts.flip(0).cumsum(0).flip(0)
-        index = int((at_or_above >= budget).sum()) - 1
-        candidates = flat[bucket == index]
-        above = int(at_or_above[index]) - candidates.numel()
-        need = budget - above
-        threshold = candidates.kthvalue(candidates.numel() - need + 1).values
-        above += int((candidates > threshold).sum())
-        flat = candidates
-    tied = int((flat == threshold).sum())
-    return TopSelection(budget, threshold, None if above + tied == budget else budget - above)
-
-
-def keep_largest(kernel: torch.Tensor, budget: int) -> torch.Tensor:
-    """``kernel`` with all but its ``budget`` largest-magnitude entries set to zero (exactly ``budget`` kept)."""
-    return _DeltaState(budget).sparse(kernel.clone())
-
+from visionpeft.methods.snella_kernel import PIECE_WEIGHTS
+from visionpeft.methods.snella_schedule import allocate, reallocation_budget
+from visionpeft.methods.snella_sparse import DeltaState, LinearKernelDelta, SparseKernel
 
 KERNELS = ("distance", "distance+softmax")
 PATHS = ("activation", "weight")
 
 
-# --- the budget schedule -------------------------------------------------------------------------
-def scheduled_budget(step: int, total_steps: int, initial: int, target: int, warmup: float, final: float) -> int:
-    """Global number of non-zero entries at ``step``: ``initial`` during the warm-up, a cubic decay to
-    ``target``, then ``target`` for the final phase (AdaLoRA's schedule, in steps)."""
-    start = round(warmup * total_steps)
-    end = total_steps - round(final * total_steps)
-    if step <= start:
-        return initial
-    if step >= end:
-        return target
-    remaining = 1.0 - (step - start) / (end - start)
-    return target + int((initial - target) * remaining ** 3)
-
-
-def allocate(budget: int, scores: Sequence[float], capacities: Sequence[int]) -> list[int]:
-    """Split ``budget`` non-zeros over layers proportionally to ``scores``, capped at each capacity; what a
-    full layer cannot take goes to the others. Returns counts summing to min(budget, Σ capacities)."""
-    total = sum(scores)
-    usable = math.isfinite(total) and total > 0
-    shares = [s / total if usable else 1.0 / len(scores) for s in scores]
-    kept = [0] * len(capacities)
-    left = min(budget, sum(capacities))
-    while left > 0:
-        open_layers = [i for i, cap in enumerate(capacities) if kept[i] < cap]
-        weight = sum(shares[i] for i in open_layers)
-        portion = {i: shares[i] / weight if weight > 0 else 1.0 / len(open_layers) for i in open_layers}
-        given = 0
-        for i in open_layers:
-            add = min(int(left * portion[i]), capacities[i] - kept[i])
-            kept[i] += add
-            given += add
-        if given == 0:  # every proportional share rounded down to zero: one each, most important first
-            for i in sorted(open_layers, key=lambda i: -portion[i])[:left]:
-                kept[i] += 1
-                given += 1
-        left -= given
-    return kept
-
-
-# --- option checks -------------------------------------------------------------------------------
 def _even_rank(value: Any) -> bool:
     return positive_int(value) and value % 2 == 0
 
@@ -291,125 +94,6 @@ def _fraction(value: Any) -> bool:
 
 def _betas(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(probability(b) for b in value)
-
-
-class _DeltaState:
-    """What one forward's ΔW shares with its backward: the selection of kept entries (found once, in the
-    forward) and, when the weight path rebuilds W + ΔW in backward, the kernel terms and mask that rebuild
-    computed, handed on to the gradient so the kernel is built once per backward, not twice."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.selection: TopSelection | None = None
-        self.rebuilt: tuple[KernelTerms, torch.Tensor | None] | None = None
-
-    def sparse(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` (owned: overwritten) with the dropped entries zeroed; the selection is made on first use."""
-        magnitude = value.abs()
-        if self.selection is None:
-            self.selection = select_largest(magnitude, self.budget)
-        mask = self.selection.mask(magnitude, in_place=True)
-        return value if mask is None else value.mul_(mask)
-
-    def terms_and_mask(self, in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None
-                       ) -> tuple[KernelTerms, torch.Tensor | None]:
-        """The kernel terms again, bit for bit, and the mask of the entries the forward kept."""
-        terms = kernel_terms(in_pieces, out_pieces, mixture)
-        return terms, self.selection.mask(terms.value.abs(), in_place=True)
-
-    def rebuild(self, in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None) -> torch.Tensor:
-        """ΔW again, bit for bit, keeping its terms and mask for :meth:`_SparseKernel.backward`."""
-        terms, mask = self.terms_and_mask(in_pieces, out_pieces, mixture)
-        self.rebuilt = (terms._replace(value=None), mask)  # the gradient needs the mask, not the value
-        if mask is None:
-            return terms.value
-        # the kernel itself stays in the terms; only the mixture's value may be overwritten
-        return terms.value * mask if terms.value is terms.kernel else terms.value.mul_(mask)
-
-    def take_rebuilt(self, *factors: torch.Tensor | None) -> tuple[KernelTerms, torch.Tensor | None]:
-        """What :meth:`rebuild` kept (handed over once), or the same computed afresh."""
-        rebuilt, self.rebuilt = self.rebuilt, None
-        if rebuilt is None:
-            terms, mask = self.terms_and_mask(*factors)
-            rebuilt = terms._replace(value=None), mask
-        return rebuilt
-
-
-class _SparseKernel(torch.autograd.Function):
-    """ΔW = the kernel of the factors with all but the ``budget`` largest-magnitude entries zeroed.
-
-    The backward is written out: it rebuilds the kernel from the factors (nothing (out, in)-sized is kept
-    between forward and backward), finds the kept entries again from the saved threshold (no second top-k),
-    and differentiates the mixture and the distances in closed form; with G the gradient on the kept entries
-    pushed through the mixture and Wₚ = αₚ G / Dₚ,
-    ∂L/∂outₚ[j] = outₚ[j] Σᵢ Wₚ[j, i] − Σᵢ Wₚ[j, i] inₚ[i] and ∂L/∂inₚ[i] = inₚ[i] Σⱼ Wₚ[j, i] − Σⱼ Wₚ[j, i] outₚ[j].
-    """
-
-    @staticmethod
-    def forward(ctx, state: _DeltaState, in_pieces: torch.Tensor, out_pieces: torch.Tensor,
-                mixture: torch.Tensor | None) -> torch.Tensor:
-        ctx.state = state
-        ctx.save_for_backward(in_pieces, out_pieces, mixture)
-        return state.sparse(kernel_value(in_pieces, out_pieces, mixture))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        in_pieces, out_pieces, mixture = ctx.saved_tensors
-        (distances, kernel, centred, _), mask = ctx.state.take_rebuilt(in_pieces, out_pieces, mixture)
-        # the buffers above are this backward's own: overwritten as they are used up
-        with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(kernel.dtype)
-            kept = grad if mask is None else torch.mul(grad, mask, out=mask)
-            grad_mixture = None
-            if mixture is not None:
-                scale, temperature = mixture[0], mixture[1]
-                grad_scale = torch.vdot(kept.flatten(), centred.flatten())
-                grad_shift = kept.sum() / kept.shape[1]
-                softmax = centred.add_(1 / kept.shape[0])
-                grad_logits = softmax.mul_(kept - (softmax * kept).sum(0, keepdim=True)).mul_(scale)  # ∂L/∂(K/γ)
-                grad_temperature = -torch.vdot(grad_logits.flatten(), kernel.flatten()) / temperature.square()
-                del kernel
-                kept = grad_logits.div_(temperature).add_(kept)
-                grad_mixture = torch.stack([grad_scale, grad_temperature, grad_shift])
-            floor = distances.new_tensor(SQUARED_DISTANCE_FLOOR).sqrt()
-            clamped = (distances - floor).sign_() if distances.amin() <= floor else None  # 0 where D² was clamped
-            weighted = torch.div(kept, distances, out=distances).mul_(distances.new_tensor(PIECE_WEIGHTS).view(-1, 1, 1))
-            if clamped is not None:  # no gradient flows where D² was clamped
-                weighted.mul_(clamped)
-            grad_out = out_pieces * weighted.sum(-1, keepdim=True) - torch.bmm(weighted, in_pieces)
-            # (outᵀ W)ᵀ rather than Wᵀ out: the matmul then reads W in its own layout (2x faster on CPU)
-            grad_in = in_pieces * weighted.sum(-2).unsqueeze(-1) - torch.bmm(out_pieces.transpose(-1, -2), weighted).transpose(-1, -2)
-        needs = ctx.needs_input_grad
-        return (None, grad_in if needs[1] else None, grad_out if needs[2] else None,
-                grad_mixture if needs[3] else None)
-
-
-class _LinearKernelDelta(torch.autograd.Function):
-    """y = x · ΔWᵀ where ΔW = build(*factors) is rebuilt in backward instead of being saved."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, build: Callable[..., torch.Tensor], *factors: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            delta = build(*factors)
-        ctx.build = build
-        ctx.save_for_backward(x, *factors)
-        return F.linear(x, delta.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, *factors = ctx.saved_tensors
-        leaves = [f.detach().requires_grad_(needs) for f, needs in zip(factors, ctx.needs_input_grad[2:])]
-        with torch.enable_grad():
-            delta = ctx.build(*leaves)
-        grad_x = grad_out @ delta.detach().to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        trainable = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = {}
-        if trainable and delta.requires_grad:
-            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_delta = (flat_grad.t() @ x.reshape(-1, x.shape[-1]).to(flat_grad.dtype)).to(delta.dtype)
-            found = torch.autograd.grad(delta, trainable, grad_delta, allow_unused=True)
-            grads = {id(leaf): g for leaf, g in zip(trainable, found)}
-        return (grad_x, None, *(grads.get(id(leaf)) for leaf in leaves))
 
 
 @register
@@ -425,7 +109,8 @@ class SNELLA(Method):
         "init_density": Option(1.0, _fraction, "a number in (0, 1], >= density", "global density before the decay"),
         "warmup": Option(0.1, probability, "a float in [0, 1)", "fraction of total_steps kept at init_density"),
         "final": Option(0.1, probability, "a float in [0, 1)", "fraction of total_steps held at density at the end"),
-        "interval": Option(10, positive_int, "an int >= 1", "steps between re-allocations during the decay"),
+        "interval": Option(10, positive_int, "an int >= 1",
+                           "during the decay, re-allocate at the steps that are multiples of it"),
         "betas": Option((0.85, 0.85), _betas, "two floats in [0, 1)", "EMA factors of sensitivity and uncertainty"),
         "kernel": Option("distance+softmax", lambda v: v in KERNELS, " or ".join(map(repr, KERNELS)),
                          "merge of the factors: distance, or distance plus SNELLA's softmax mixture"),
@@ -483,12 +168,12 @@ class SNELLA(Method):
         return (self.in_pieces, self.out_pieces) if self.mixture is None else (self.in_pieces, self.out_pieces, self.mixture)
 
     def _builder(self) -> Callable[..., torch.Tensor]:
-        """A function of the factors giving ΔW (out, fan_in), differentiable through :class:`_SparseKernel`;
+        """A function of the factors giving ΔW (out, fan_in), differentiable through :class:`SparseKernel`;
         the budget is fixed now, and the kept entries are chosen on its first call and reused after."""
-        state = _DeltaState(self._budget)
+        state = DeltaState(self._budget)
 
         def build(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
-            return _SparseKernel.apply(state, in_pieces, out_pieces, mixture)
+            return SparseKernel.apply(state, in_pieces, out_pieces, mixture)
 
         build.state = state
         return build
@@ -502,7 +187,7 @@ class SNELLA(Method):
         build, factors, shape = self._builder(), self._factors(), self.slot_shape
         effective = weight + build(*factors).view(shape).to(weight.dtype)
         # the op keeps the factors, not W + ΔW, for its backward (layers.kinds.rebuilt_on_backward); the
-        # rebuild hands its kernel terms on to _SparseKernel.backward
+        # rebuild hands its kernel terms on to SparseKernel.backward
         frozen = [f.detach() for f in factors] + [None] * (3 - len(factors))
         return rebuildable(effective, weight, lambda base: base + build.state.rebuild(*frozen).view(shape).to(base.dtype))
 
@@ -519,7 +204,7 @@ class SNELLA(Method):
             x = self.dropout(x)
         build = self._builder()
         if slot.op == "linear":
-            return out.add_(_LinearKernelDelta.apply(x, build, *self._factors()).to(out.dtype))
+            return out.add_(LinearKernelDelta.apply(x, build, *self._factors()).to(out.dtype))
         shape = self.slot_shape
 
         def conv(x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
@@ -570,14 +255,13 @@ class SNELLA(Method):
         config = instances[0].config
         for method in instances:
             method.update_importance(config["betas"])
-        start = round(config["warmup"] * total_steps)
-        end = total_steps - round(config["final"] * total_steps)
-        if step <= start or (step < end and (step - start) % config["interval"]):
-            return
         capacities = [m.numel for m in instances]
         initial = sum(min(n, math.floor(config["init_density"] * n)) for n in capacities)
         target = math.floor(config["density"] * sum(capacities))
-        budget = scheduled_budget(step, total_steps, initial, target, config["warmup"], config["final"])
+        budget = reallocation_budget(step, total_steps, initial, target, config["warmup"], config["final"],
+                                     config["interval"])
+        if budget is None:
+            return
         device = instances[0].budget.device
         scores = torch.stack([m.importance().to(device) for m in instances]).tolist()  # one sync, not one per layer
         for method, count in zip(instances, allocate(budget, scores, capacities)):

@@ -2,8 +2,8 @@
 
 Each targeted weight (a conv kernel on its (out, in/groups·k…) reshape; a fused q/k/v projection per
 block, never as one stacked matrix) is decomposed once, in float64, as W = U diag(σ) Vᵀ (through the
-eigendecomposition of the smaller Gram matrix where that is accurate, 1.6x faster than LAPACK's SVD at
-attach; ``torch.linalg.svd`` otherwise; see :func:`_svd_by_gram`); the adapter
+eigendecomposition of the smaller Gram matrix where that is accurate, faster than LAPACK's SVD at attach;
+``torch.linalg.svd`` otherwise; see :func:`_svd_by_gram`); the adapter
 trains s, initialised to σ, and contributes
 
     ΔW = U_k diag(s − σ_k) V_kᵀ
@@ -22,6 +22,21 @@ U_k((s − σ) ⊙ V_kᵀx) to the output (about 4·tokens·d·k extra in forwar
 the factorized path only when few directions train (4k ≤ min(out, in)), where it is cheaper, and the
 weight path otherwise: with every direction trainable (k = d) it wins whenever a batch has more than
 about 2d/3 tokens, which is every realistic CLIP batch (``benchmarks/svd.py`` measures both).
+
+Choices that differ from the reference code:
+
+* **Kept directions.** ``k = ceil(rank_ratio · min(out, in))``, at least 1. The reference floors
+  ``rank_ratio · min(out, in)`` to a multiple of 4 (at least 1), which drops up to 3 directions even at
+  ``rank_ratio=1`` on a dimension that is not a multiple of 4 (a 10-class head keeps 8, a 3-channel stem 1);
+  here ``rank_ratio=1`` always trains every singular value, and a smaller ratio rounds up, so the kept count
+  is the fraction asked for. The two agree on every CLIP and BiomedCLIP dimension at ratio 1 (all multiples
+  of 4).
+* **The update as a delta.** The reference replaces the layer by its top-k factors, y = U_k(s ⊙ V_kᵀx) + b,
+  so the SVD's round-off enters the forward at step 0 and, below full rank, the other directions leave the
+  model; here the base op runs unchanged and ΔW = U_k diag(s − σ_k) V_kᵀ is added (exact start, exact merge,
+  the untrained directions kept frozen).
+* **A saved basis check.** The reference saves the whole factorised state dict (U and V included); here U
+  and V are recomputed from the base weight and only a fingerprint of them is saved, checked on load.
 """
 from __future__ import annotations
 
@@ -60,9 +75,8 @@ def _probe_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def _svd_by_gram(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Thin SVD from the eigendecomposition of the smaller Gram matrix, or None where that is not accurate.
 
-    For a tall A (m ≥ n): AᵀA = V diag(σ²) Vᵀ, then U = A V / σ. Measured 2.4x faster than
-    ``torch.linalg.svd`` on CLIP ViT-B/16's matrices (float64, 2 CPU threads): the O(m·n²) work is two
-    matrix products, and only the n×n eigenproblem is LAPACK. U·diag(σ)·Vᵀ = A·V·Vᵀ reproduces A exactly
+    For a tall A (m ≥ n): AᵀA = V diag(σ²) Vᵀ, then U = A V / σ. Faster than ``torch.linalg.svd``
+    (``benchmarks/svd.py``): the O(m·n²) work is two matrix products, and only the n×n eigenproblem is LAPACK. U·diag(σ)·Vᵀ = A·V·Vᵀ reproduces A exactly
     for any orthonormal V, but the Gram squares the condition number, so U's columns lose orthogonality
     as eps·(σ₁/σᵢ)²: the result is refused when a probe shows UᵀU ≠ I to 1e-9, or when σ has a zero.
     """
