@@ -183,7 +183,7 @@ def attach(model: nn.Module, method: str, *, targets: Any = None, unfreeze: Any 
 
     Args:
         model: any ``nn.Module``.
-        method: a name from :func:`methods` (``"lora"``, ...).
+        method: a name from ``vp.methods()`` (``"lora"``, ...).
         targets: ``None`` for the family preset (every weight of the repeated blocks), a list of
             module names (exact or dotted suffix), a regular expression (full match), a module
             class / list of classes, or the special value ``"all"``: every parameter tensor of the
@@ -302,10 +302,3 @@ def step(model: nn.Module, step: int, total_steps: int) -> None:
         raise ValueError(f"step={step!r}, total_steps={total_steps!r}: need ints with 0 <= step <= total_steps, total_steps >= 1")
     for (_, cls), instances in _by_method(model).items():
         cls.model_step(instances, step, total_steps)
-
-
-def methods() -> list[str]:
-    """Every registered method name (aliases included)."""
-    from visionpeft.methods.base import registered_names
-
-    return registered_names()
