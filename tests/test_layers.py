@@ -28,6 +28,7 @@ METHODS = {
     "map": ("map", dict(rank=2)),
     "mora-sharing": ("mora", dict(rank=2, operator="sharing")),
     "mora-rotation": ("mora", dict(rank=2, operator="rotation")),
+    "nola": ("nola", dict(rank=2, num_basis=(4, 3))),
 }
 
 
