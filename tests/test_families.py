@@ -48,7 +48,7 @@ def adapted_names(model):
     return {re.sub(r"\.\d+(?=\.|$)", ".N", n) for n, m in model.named_modules() if hasattr(m, "vp_adapters")}
 
 
-@pytest.mark.parametrize("method", ["lora", "flora", "svd", "snella", "sara", "dora", "map", "mora", "nola"])
+@pytest.mark.parametrize("method", ["lora", "flora", "svd", "snella", "sara", "dora", "map", "mora", "nola", "alpha-lora"])
 @pytest.mark.parametrize("family", list(EXPECTED) + ["diffusers_unet"])
 def test_preset_targets_blocks_only_and_methods_are_exact(family, method, tmp_path):
     base, inputs = build(family)

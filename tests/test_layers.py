@@ -29,6 +29,7 @@ METHODS = {
     "mora-sharing": ("mora", dict(rank=2, operator="sharing")),
     "mora-rotation": ("mora", dict(rank=2, operator="rotation")),
     "nola": ("nola", dict(rank=2, num_basis=(4, 3))),
+    "alpha-lora": ("alpha-lora", dict(rank=2, scale_bias=False)),  # W + ΔW, the bias as it was (tests/test_alpha_lora.py)
 }
 
 

@@ -94,3 +94,20 @@ def test_activation_path_builds_no_dense_delta(monkeypatch):
 def test_unknown_operator_is_refused():
     with pytest.raises(ValueError, match=r"operator='rope'.*'sharing', 'rotation', 'truncation'"):
         vp.attach(Wrap(nn.Linear(4, 4)), "mora", targets=["layer"], operator="rope")
+
+
+def test_summary_counts_the_square():
+    _, model, method = attached(23, 29, rank=2, operator="sharing")
+    assert "100" in vp.summary(model).split("trainable params:")[1].split("||")[0] and method.size == 10
+
+
+def test_command_line_lists_mora_nola_and_alpha_lora_with_their_options(capsys):
+    from visionpeft.cli import _methods
+
+    _methods(None)
+    lines = capsys.readouterr().out.splitlines()
+    expected = {"mora": ["rank", "operator"], "nola": ["rank", "num_basis", "seed", "alpha"],
+                "alpha-lora": ["rank", "alpha", "dropout", "rslora", "scale_bias", "alpha_every", "alpha_lr"]}
+    for name, options in expected.items():
+        start = lines.index(name) + 1
+        assert [line.split()[0] for line in lines[start:start + len(options)]] == options, name
