@@ -6,14 +6,20 @@ coefficients train, whatever the layer's size. This is the reference's language-
 coefficient zero at attach, so ΔW = 0 (attaching changes nothing) and B's coefficients get the first gradient.
 (Its ViT path starts at αᵢ = 1/k, βⱼ = 1/l, a non-zero ΔW.)
 
-Bases and A0 come from a per-layer seed, a SHA-256 hash of the adapter's ``seed`` and the layer's qualified name
+The bases of one factor are the k windows of one pseudo-random sequence p of length numel + k − 1 (numel = the
+factor's size): Aᵢ = p[i : i + numel] reshaped, a random Toeplitz basis. Each basis is uniform in [−1, 1) as the
+reference's are, but they are not independent of each other: the reference draws k·numel independent values and
+either stores them (its ViT path) or draws them again in forward and backward (its LLM path); at k = l = 1024 on a
+ViT-S that is 0.5 G values to draw twice per step (seconds on a CPU) or 2 GB to keep. One sequence per factor is
+numel + k values, LoRA's size, kept as a non-persistent buffer, and both the combination Σ cᵢ Aᵢ and its
+gradient ⟨∇A, Aᵢ⟩ are correlations with p, one FFT each (float64, so they match the direct sums to float32
+round-off).
+
+p and A0 come from a per-layer seed, a SHA-256 hash of the adapter's ``seed`` and the layer's qualified name
 (``NOLA.prepare``), drawn by a local CPU ``torch.Generator`` (the global RNG is never touched), so they are the
-same in every process and on every device; on an accelerator they are drawn on the CPU and moved. They are never
-stored: the checkpoint holds the coefficients and an empty ``layer_shape`` stamp (zero elements, shaped like the
-layer's weight, so that loading onto a layer of another shape fails the shape check), and ``adapter.json`` the seed.
-Nor are they kept for backward: :class:`_Combination` draws them a block at a time in forward to form A and B
-(LoRA-sized) and draws them again in backward, where the coefficients' gradient is ⟨∇A, Aᵢ⟩ (and ⟨∇B, Bⱼ⟩).
-The bases' peak memory is one block (``_BLOCK`` elements), not k·rank·fan_in + l·out·rank.
+same in every process and on every device. They are never stored: the checkpoint holds the coefficients and an
+empty ``layer_shape`` stamp (zero elements, shaped like the layer's weight, so that loading onto a layer of
+another shape fails the shape check), and ``adapter.json`` the seed.
 
 A and B then run as LoRA's factors: on activations for linear ops and ungrouped convs (the fused low-rank
 branch), through ΔW for grouped convs, MultiheadAttention and modules with their own forward.
@@ -26,16 +32,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from visionpeft.layers.kinds import Slot
 from visionpeft.methods.base import (
     Method, Option, adapter_dtype, positive_int, positive_number_or_none, register,
 )
 from visionpeft.methods.lowrank import add_low_rank_output
-
-#: basis elements drawn at a time (a block of whole bases; 16 MiB in float32)
-_BLOCK = 1 << 22
 
 
 def _two_positive_ints(value: Any) -> bool:
@@ -52,43 +54,46 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class RandomBases:
-    """``count`` frozen bases of ``shape`` drawn uniform in [−1, 1), in blocks of whole bases, each block from its
-    own seed derived from ``seed``: any block can be redrawn alone, identically."""
-
-    def __init__(self, seed: int, count: int, shape: tuple[int, ...]) -> None:
-        self.seed, self.count, self.shape = seed, count, tuple(shape)
-        self.numel = 1
-        for size in shape:
-            self.numel *= size
-        self.per_block = max(1, _BLOCK // self.numel)
-
-    def blocks(self, device: torch.device, dtype: torch.dtype):
-        """(first index, (n, numel) block of bases) for every block, in order."""
-        for index, start in enumerate(range(0, self.count, self.per_block)):
-            n = min(self.per_block, self.count - start)
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, index))
-            block = torch.rand(n, self.numel, generator=generator).mul_(2).sub_(1)
-            yield start, block.to(device=device, dtype=dtype)
+def random_sequence(seed: int, length: int) -> torch.Tensor:
+    """``length`` values uniform in [−1, 1) (float32) from a local CPU generator seeded with ``seed``."""
+    return torch.rand(length, generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
 
 
-class _Combination(torch.autograd.Function):
-    """``Σᵢ cᵢ basisᵢ``, drawing the bases in forward and again in backward instead of keeping them."""
+def fast_fft_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c >= n: an FFT of a length with a large prime factor is 10-30x slower."""
+    best = 1 << max(0, (n - 1).bit_length())
+    power3 = 1
+    while power3 < best:
+        size = power3
+        while size < best:
+            candidate = size
+            while candidate < n:
+                candidate *= 2
+            best = min(best, candidate)
+            size *= 5
+        power3 *= 3
+    return best
 
-    @staticmethod
-    def forward(ctx, coefficients: torch.Tensor, bases: RandomBases) -> torch.Tensor:
-        total = torch.zeros(bases.numel, dtype=coefficients.dtype, device=coefficients.device)
-        for start, block in bases.blocks(coefficients.device, coefficients.dtype):
-            total.addmv_(block.t(), coefficients[start:start + block.shape[0]])
-        ctx.bases = bases
-        return total.view(bases.shape)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        flat = grad.reshape(-1)
-        parts = [block @ flat.to(block.dtype) for _, block in ctx.bases.blocks(grad.device, grad.dtype)]
-        return torch.cat(parts), None
+class WindowBases(nn.Module):
+    """``count`` bases of ``shape``: basis i is ``sequence[i : i + numel]``; combinations by FFT correlation."""
+
+    def __init__(self, seed: int, count: int, shape: tuple[int, ...], device: torch.device) -> None:
+        super().__init__()
+        self.count, self.shape = count, tuple(shape)
+        self.numel = math.prod(shape)
+        self.length = self.numel + count - 1
+        self.fft_size = fast_fft_size(self.length)  # zero-padded: still no wrap-around
+        self.register_buffer("sequence", random_sequence(seed, self.length).to(device), persistent=False)
+
+    def basis(self, index: int) -> torch.Tensor:
+        return self.sequence[index:index + self.numel].view(self.shape)
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Σᵢ cᵢ basisᵢ: out[t] = Σᵢ cᵢ·sequence[t + i], a correlation (no wrap-around: t + i < length)."""
+        n = self.fft_size
+        spectrum = torch.fft.rfft(self.sequence.double(), n=n) * torch.fft.rfft(coefficients.double(), n=n).conj()
+        return torch.fft.irfft(spectrum, n=n)[:self.numel].to(coefficients.dtype).view(self.shape)
 
 
 @register
@@ -111,8 +116,8 @@ class NOLA(Method):
         self.rank, self.scale = rank, (rank if alpha is None else alpha) / rank
         dtype = adapter_dtype(slot.dtype)
         fan_in, out = slot.in_features, slot.out_features
-        self.bases_A = RandomBases(derived_seed(layer_seed, "A"), k, (rank, fan_in))
-        self.bases_B = RandomBases(derived_seed(layer_seed, "B"), l, (out, rank))
+        self.bases_A = WindowBases(derived_seed(layer_seed, "A"), k, (rank, fan_in), slot.device)
+        self.bases_B = WindowBases(derived_seed(layer_seed, "B"), l, (out, rank), slot.device)
         initial = nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5),  # LoRA's A init
                                            generator=torch.Generator().manual_seed(layer_seed))
         self.register_buffer("initial_A", initial.to(slot.device, dtype), persistent=False)  # A0, redrawn on load
@@ -126,8 +131,7 @@ class NOLA(Method):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (rank × fan_in), B (out × rank)) as combinations of the bases, differentiable in the coefficients."""
-        down = self.initial_A + _Combination.apply(self.nola_alpha, self.bases_A)
-        return down, _Combination.apply(self.nola_beta, self.bases_B)
+        return self.initial_A + self.bases_A.combine(self.nola_alpha), self.bases_B.combine(self.nola_beta)
 
     def delta(self) -> torch.Tensor:
         down, up = self.factors()
