@@ -44,25 +44,20 @@ def test_attach_is_exact_and_trains_k_plus_l_per_layer():
 
 
 def test_delta_is_the_combination_of_the_bases_and_gradients_agree():
+    """Against the bases written out one by one (windows of the layer's sequence) and summed directly."""
     model = attach(Two())
     perturb(model)
-    m = method(model)
-    bases_a, bases_b = stacked(m.bases_A), stacked(m.bases_B)
+    m, second = method(model), method(model, "second")
     alpha = m.nola_alpha.detach().clone().requires_grad_()
     beta = m.nola_beta.detach().clone().requires_grad_()
-    down = m.initial_A + torch.einsum("k,kri->ri", alpha, bases_a)
-    up = torch.einsum("l,lor->or", beta, bases_b)
+    down = m.initial_A + torch.einsum("k,kri->ri", alpha, stacked(m.bases_A))
+    up = torch.einsum("l,lor->or", beta, stacked(m.bases_B))
     assert max_rel(m.delta(), m.scale * up @ down) < 1e-6
-    x = torch.randn(4, 10)
-    target = torch.randn(4, 12)
+    x, target = torch.randn(4, 10), torch.randn(4, 12)
     (model(x) - target).pow(2).sum().backward()
-    explicit = nn.functional.linear(x, model.first.weight + (m.scale * up @ down).detach(), model.first.bias)
-    explicit = nn.functional.linear(explicit, model.second.weight + method(model, "second").delta().detach(),
-                                    model.second.bias)
-    # the same loss with the first layer's bases explicit: its coefficients' gradients must agree
-    x2 = nn.functional.linear(x, model.first.weight + m.scale * up @ down, model.first.bias)
-    y2 = nn.functional.linear(x2, model.second.weight + method(model, "second").delta().detach(), model.second.bias)
-    (y2 - target).pow(2).sum().backward()
+    hidden = nn.functional.linear(x, model.first.weight + m.scale * up @ down, model.first.bias)
+    explicit = nn.functional.linear(hidden, model.second.weight + second.delta().detach(), model.second.bias)
+    (explicit - target).pow(2).sum().backward()
     assert max_rel(m.nola_alpha.grad, alpha.grad) < 1e-5 and max_rel(m.nola_beta.grad, beta.grad) < 1e-5
     assert max_rel(model(x), explicit) < 1e-6
 

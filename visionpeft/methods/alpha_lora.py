@@ -10,9 +10,10 @@ update"); the two options are recorded with the adapter for the loop to read.
 
 Paths: on linear ops and convs (any groups) the layer runs its base op and this adapter scales the output in place
 (``methods/decomposed.py``'s gain, which keeps only the output for backward) and adds LoRA's fused branch. Where
-the op cannot be reached from outside (MultiheadAttention, modules with their own forward) or another adapter
-acts on the same slot, the weight path runs α ⊙ W0 + s·B·A, and the bias inside the op stays unscaled. Merging folds
-that weight in, and the bias scale into the bias on the layers whose forward scales it; unmerging divides the
+the op cannot be reached from outside (MultiheadAttention, modules with their own forward) the weight path runs
+α ⊙ W0 + s·B·A, and the bias inside the op stays unscaled; so it does while another adapter acts on the same slot
+of a linear op or conv (the layer then takes the weight path), though merging scales that bias as the layer alone
+would. Merging folds the weight in, and the bias scale into the bias of linear ops and convs; unmerging divides the
 weight's rows by 1 + scale·(α − 1) (a row with α = 1 − 1/scale cannot be recovered) and restores the bias.
 """
 from __future__ import annotations
