@@ -302,7 +302,7 @@ def render(args, accuracy: dict, cost: dict) -> str:
 
 
 def verdicts(args, top1: dict, backbone: str) -> list[str]:
-    """The issue's three targets, checked on this backbone's numbers."""
+    """The three targets, checked on this backbone's numbers."""
     out = []
     methods = [m for m in trained_methods(args) if m != "linear"]
     if "linear" in args.methods:

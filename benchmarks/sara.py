@@ -18,7 +18,7 @@ penalty on one random layer; zero for the others). Configurations:
 * ``masked``: LT-SFT-style dense masked sparse tuning: the preset weights themselves in AdamW with a
   gradient hook that zeroes every entry outside the same smallest-magnitude selection (a dense bool mask).
 
-The targets in the issue: memory overhead above the floor ≤ 0.3× full's and ≤ 0.5× masked's; step time
+The targets: memory overhead above the floor ≤ 0.3× full's and ≤ 0.5× masked's; step time
 ≤ 1.2× LoRA's.
 
     python benchmarks/sara.py [--workloads unet sd15_unet vit_s16] [--device cuda] [--out FILE]

@@ -13,7 +13,7 @@ Every adapter targets the family preset (q, k, v, proj, fc1, fc2 of every block)
 - ``masked-dense``: the GPS/SPT-style baseline: the same weights trained in full by AdamW with a fixed gradient
   mask keeping ``DENSITY`` of each weight's entries (optimizer state and gradients are weight-sized).
 
-Memory is best read as the overhead above the floor (issue 4's targets: SNELLA's overhead ≤ 0.3× the masked
+Memory is best read as the overhead above the floor (the targets: SNELLA's overhead ≤ 0.3× the masked
 baseline's and ≤ 1.2× LoRA's; step time ≤ 1.3× LoRA's).
 
     python benchmarks/snella.py [--workloads vit_s16 vit_b16] [--device cuda] [--repeats 3] [--out benchmarks/results/snella_cpu.md]

@@ -1,4 +1,4 @@
-"""The public contract of ../shared/API.md: bad input, save/load safety, bookkeeping."""
+"""The public API contract: bad input, save/load safety, bookkeeping."""
 import copy
 import json
 import pickle

@@ -63,7 +63,6 @@ def _count_rebuilds(monkeypatch, method: str) -> list:
             return rebuild(base)
         return original(effective, weight, counted)
 
-    # visionpeft.methods is shadowed by the vp.methods() function: reach the module through sys.modules
     monkeypatch.setattr(importlib.import_module(f"visionpeft.methods.{method}"), "rebuildable", counting)
     return rebuilds
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import visionpeft as vp
 from conftest import RecordCalls, Wrap, max_rel, perturb
-from visionpeft.methods.sara import SaRA, merge_weighted
+from visionpeft.methods.sara import SaRA
 from visionpeft.models import build
 
 
@@ -307,9 +307,9 @@ def test_merge_with_strength_and_two_adapters_combined():
     assert max_rel(model(x), both) < 1e-5
     vp.unmerge(model)
     with pytest.raises(ValueError, match="not attached"):
-        merge_weighted(model, {"a": 0.6, "c": 0.6})
+        vp.merge(model, scale={"a": 0.6, "c": 0.6})
     assert not model[0]._vp_merged
-    merge_weighted(model, {"a": 0.6, "b": 0.4})
+    vp.merge(model, scale={"a": 0.6, "b": 0.4})
     assert max_rel(model[0].weight, base[0].weight + 0.6 * d["a"] + 0.4 * d["b"]) < 1e-6
     vp.unmerge(model)
     assert max_rel(model[0].weight, base[0].weight) < 1e-6

@@ -1,5 +1,5 @@
 """SNELLA / SNELL: kernels, the sparsifier, the budget schedule and allocation, the exact start, memory,
-and training with the schedule driven to its end on every model family the issue names. Exactness of
+and training with the schedule driven to its end on every supported model family. Exactness of
 merge/unmerge/detach/save/load on every layer kind and family is covered by test_layers / test_families."""
 import copy
 import math

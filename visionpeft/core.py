@@ -1,4 +1,4 @@
-"""The public operations on a model: attach, merge, unmerge, detach, and the training hooks.
+"""The public operations on a model: attach, detach, and the training hooks (by-name operations: ``by_name.py``).
 
 Attaching is planned first (every input validated, every adapter module built) and installed
 after, so a bad call leaves the model exactly as it was.
@@ -37,6 +37,10 @@ class AdapterRecord:
     reconstruction_error: dict[str, float] | None = None
     #: attached with ``targets="all"``: every parameter tensor is a slot of the module that owns it
     all_parameters: bool = False
+    #: whether the adapter contributes to the output and trains (``vp.set_active``)
+    active: bool = True
+    #: per layer, options that differ from ``options`` (e.g. a PEFT ``rank_pattern``)
+    layer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,10 +80,22 @@ def _split(slot: Slot, weight: torch.Tensor) -> list[tuple[Slot, torch.Tensor]]:
             for i, p in enumerate(parts)]
 
 
+def _resolve_layer_options(cls: type[Method], resolved: dict[str, Any], targets: list[Target],
+                           layer_options: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Per-layer overrides checked like the options themselves, only for targeted layers."""
+    layer_options = layer_options or {}
+    unknown = sorted(set(layer_options) - {t.name for t in targets})
+    if unknown:
+        raise ValueError(f"{cls.name}: per-layer options for {unknown[:5]}, which are not targeted")
+    return {layer: {k: v for k, v in resolve_options(cls, {**resolved, **overrides}).items() if k in overrides}
+            for layer, overrides in layer_options.items()}
+
+
 def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfreeze: list[str],
-         options: dict[str, Any]) -> Plan:
+         options: dict[str, Any], layer_options: dict[str, dict[str, Any]] | None = None) -> Plan:
     cls = get_method(method)
     resolved = resolve_options(cls, options)
+    overrides = _resolve_layer_options(cls, resolved, targets, layer_options)
     _check_name(model, name, targets)
     entries: list[tuple[str, str, Slot, torch.Tensor, int | None]] = []
     slots: dict[str, dict[str, Slot]] = {}
@@ -97,6 +113,7 @@ def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfree
     per_slot = cls.prepare([(f"{layer}:{s.label}", s, w) for layer, _, s, w, _ in entries], resolved)
     instances: dict[str, dict[str, nn.Module]] = defaultdict(dict)
     for (layer, slot_name, slot, _, block), opts in zip(entries, per_slot):
+        opts = {**opts, **overrides.get(layer, {})}
         try:
             instance = cls(slot, **opts)
         except ValueError as err:
@@ -109,7 +126,8 @@ def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfree
     record = AdapterRecord(name=name, method=cls.name, options=resolved,
                            layers={t.name: list(t.slots) for t in targets}, unfreeze=list(unfreeze),
                            unfreeze_parameters=biases,
-                           all_parameters=any(isinstance(t.kind, ParametersKind) for t in targets))
+                           all_parameters=any(isinstance(t.kind, ParametersKind) for t in targets),
+                           layer_options=overrides)
     return Plan(record, targets, dict(instances), slots)
 
 
@@ -130,20 +148,30 @@ def _biases(model: nn.Module, targets: list[Target]) -> list[str]:
 def install(model: nn.Module, plan: Plan) -> None:
     # recorded once, before the first adapter, so that detach can restore it
     model.__dict__.setdefault(TRAINABLE_BEFORE_ATTR, {n for n, p in model.named_parameters() if p.requires_grad})
-    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.vp_adapters.parameters()}
-    for param in model.parameters():
-        if id(param) not in adapter_params:
-            param.requires_grad_(False)
     for target in plan.targets:
         layer = adapt(target.module, target.kind, plan.slots[target.name])
         layer.vp_adapters[plan.record.name] = nn.ModuleDict(plan.instances[target.name])
-    modules = dict(model.named_modules())
-    for name in plan.record.unfreeze:
-        modules[name].requires_grad_(True)
-    params = dict(model.named_parameters())
-    for name in plan.record.unfreeze_parameters:
-        params[name].requires_grad_(True)
+        if not plan.record.active:
+            layer.vp_set_inactive(layer._vp_inactive | {plan.record.name})
     model.__dict__.setdefault(RECORDS_ATTR, {})[plan.record.name] = plan.record
+    apply_trainability(model)
+
+
+def apply_trainability(model: nn.Module) -> None:
+    """Only the active adapters train, with the modules and parameters they unfreeze; every other
+    parameter is frozen."""
+    active = [r for r in records(model).values() if r.active]
+    modules = dict(model.named_modules())
+    unfrozen = {id(p) for r in active for m in r.unfreeze for p in modules[m].parameters()}
+    params = dict(model.named_parameters())
+    unfrozen |= {id(params[n]) for r in active for n in r.unfreeze_parameters}
+    adapter_params = {}
+    for _, layer in adapted_layers(model):
+        for adapter, slots in layer.vp_adapters.items():
+            for param in slots.parameters():
+                adapter_params[id(param)] = adapter in records(model) and records(model)[adapter].active
+    for param in model.parameters():
+        param.requires_grad_(adapter_params.get(id(param), id(param) in unfrozen))
 
 
 def attach(model: nn.Module, method: str, *, targets: Any = None, unfreeze: Any = (), name: str = "default",
@@ -155,7 +183,7 @@ def attach(model: nn.Module, method: str, *, targets: Any = None, unfreeze: Any 
 
     Args:
         model: any ``nn.Module``.
-        method: a name from :func:`methods` (``"lora"``, ...).
+        method: a name from ``vp.methods()`` (``"lora"``, ...).
         targets: ``None`` for the family preset (every weight of the repeated blocks), a list of
             module names (exact or dotted suffix), a regular expression (full match), a module
             class / list of classes, or the special value ``"all"``: every parameter tensor of the
@@ -181,39 +209,17 @@ def _methods(model: nn.Module) -> Iterator[tuple[str, Method]]:
             yield adapter, method
 
 
-def merge(model: nn.Module, scale: float = 1.0) -> nn.Module:
-    """Fold every unmerged adapter into the base weights (computed in float32, cast back).
-
-    With ``scale=1`` the forward is unchanged; other values set the adapter's strength.
-    """
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"scale={scale!r} must be a number")
-    for _, layer in adapted_layers(model):
-        for adapter in layer.vp_adapters:
-            if adapter not in layer._vp_merged:
-                layer.vp_merge(adapter, float(scale))
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`; the forward is unchanged."""
-    for _, layer in adapted_layers(model):
-        for adapter in list(layer._vp_merged):
-            layer.vp_unmerge(adapter)
-    return model
-
-
 def detach(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every adapter and give each layer back its original class.
 
-    ``merge=True`` keeps the adapted behaviour folded into the weights; ``merge=False`` restores the
-    original model (merged adapters are taken out again). Trainability flags are restored as they
-    were before the first attach.
+    ``merge=True`` keeps the adapted behaviour (the merged and the active adapters) folded into the
+    weights; ``merge=False`` restores the original model (merged adapters are taken out again).
+    Trainability flags are restored as they were before the first attach.
     """
     for _, layer in list(adapted_layers(model)):
         for adapter in layer.vp_adapters:
             merged = adapter in layer._vp_merged
-            if merge and not merged:
+            if merge and not merged and adapter not in layer._vp_inactive:
                 layer.vp_merge(adapter, 1.0)
             elif not merge and merged:
                 layer.vp_unmerge(adapter)
@@ -240,6 +246,7 @@ def discard_adapters(model: nn.Module, names) -> None:
             if name in layer._vp_merged:
                 layer.vp_unmerge(name)
             del layer.vp_adapters[name]
+            layer.vp_set_inactive(layer._vp_inactive - {name})
         if not len(layer.vp_adapters):
             restore(layer)
     for name in names:
@@ -267,9 +274,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _by_method(model: nn.Module) -> dict[tuple[str, type], list[Method]]:
+    """The active adapters' method instances, per adapter and method (an inactive adapter neither trains nor schedules)."""
     groups: dict[tuple[str, type], list[Method]] = defaultdict(list)
+    active = {name for name, record in records(model).items() if record.active}
     for adapter, method in _methods(model):
-        groups[(adapter, type(method))].append(method)
+        if adapter in active:
+            groups[(adapter, type(method))].append(method)
     return groups
 
 
@@ -292,10 +302,3 @@ def step(model: nn.Module, step: int, total_steps: int) -> None:
         raise ValueError(f"step={step!r}, total_steps={total_steps!r}: need ints with 0 <= step <= total_steps, total_steps >= 1")
     for (_, cls), instances in _by_method(model).items():
         cls.model_step(instances, step, total_steps)
-
-
-def methods() -> list[str]:
-    """Every registered method name (aliases included)."""
-    from visionpeft.methods.base import registered_names
-
-    return registered_names()

@@ -1,4 +1,5 @@
-"""Adapters on disk: ``adapter.safetensors`` (tensors) + ``adapter.json`` (what to attach again).
+"""Adapters on disk: ``adapter.safetensors`` (tensors) + ``adapter.json`` (what to attach again); PEFT's adapter
+directories through ``interop/peft_format.py``.
 
 Writes are atomic (temporary file, then rename); the JSON carries the SHA-256 of the tensor file so
 a corrupt or mixed pair is refused. Loading validates everything, and builds every adapter
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionpeft.core import AdapterRecord, Plan, install, plan, records
+from visionpeft.core import AdapterRecord, Plan, adapters_rolled_back_on_error, install, plan, records
 from visionpeft.layers.adapted import ADAPTERS_ATTR, is_adapted, layer_kind
 from visionpeft.layers.kinds import PARAMETERS_KIND, ParametersKind
 from visionpeft.targeting import Target
@@ -68,9 +69,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors and the unfrozen modules' tensors, under the model's own keys."""
-    return {key: value for key, value in model.state_dict().items() if _saved_with_adapter(key, records(model).values())}
+def adapter_state(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the adapters ``names`` (default: all) and of the modules they unfreeze, under the model's
+    own keys."""
+    recs = [r for n, r in records(model).items() if names is None or n in names]
+    chosen = {r.name for r in recs}
+    return {key: value for key, value in model.state_dict().items()
+            if _saved_with_adapter(key, recs) and _adapter_of(key) in (None, *chosen)}
+
+
+def _adapter_of(key: str) -> str | None:
+    """The adapter name in an adapter tensor's key, None for other keys."""
+    parts = key.split(".")
+    return parts[parts.index(ADAPTERS_ATTR) + 1] if ADAPTERS_ATTR in parts else None
 
 
 def _saved_with_adapter(key: str, recs) -> bool:
@@ -80,16 +91,33 @@ def _saved_with_adapter(key: str, recs) -> bool:
         any(key in r.unfreeze_parameters for r in recs)
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the attached adapters (and unfrozen modules) to ``directory``, atomically per file."""
+FORMATS = ("visionpeft", "peft")
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, names: Any = None, format: str = "visionpeft") -> None:
+    """Write the adapters ``names`` (default: all, with their active states) and the modules they unfreeze to
+    ``directory``, atomically per file. ``format="peft"``: ``adapter_config.json`` + ``adapter_model.safetensors``,
+    which ``peft.PeftModel.from_pretrained`` loads (one LoRA adapter; ValueError for what PEFT cannot express)."""
+    from visionpeft.by_name import check_names
+
     recs = records(model)
     if not recs:
         raise ValueError(f"{type(model).__name__} has no visionpeft adapter to save; call visionpeft.attach first")
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is unknown; allowed: {', '.join(map(repr, FORMATS))}")
+    chosen = list(recs) if names is None else check_names(model, names, "save")
+    if not chosen:
+        raise ValueError("save: names=[] chooses no adapter")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save into {str(directory)!r}: it exists and is not a directory")
+    if format == "peft":
+        from visionpeft.interop.peft_format import save_peft
+
+        save_peft(model, directory, chosen)
+        return
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model).items()}
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model, chosen).items()}
     tensor_path = directory / TENSORS_FILE
     atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     config = {
@@ -97,7 +125,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "format_version": FORMAT_VERSION,
         "library_version": _version(),
         "model_class": getattr(type(model), "_vp_base_class", type(model)).__name__,  # root adapted by targets="all"
-        "adapters": [r.to_json() for r in recs.values()],
+        "adapters": [recs[n].to_json() for n in chosen],
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "sha256": _sha256(tensor_path),
     }
@@ -153,18 +181,21 @@ def _targets_from_layers(model: nn.Module, layers: dict[str, list[str]], adapter
     return targets
 
 
-def _plan_from_record(model: nn.Module, raw: Any) -> Plan:
+def _plan_from_record(model: nn.Module, raw: Any, name: str | None = None) -> Plan:
     try:
         record = AdapterRecord(**raw)
     except TypeError as err:
         raise ValueError(f"adapter.json has a malformed adapter entry: {err}") from None
+    if name is not None:
+        record.name = name
     targets = _targets_from_layers(model, record.layers, record.name, record.all_parameters)
     modules = dict(model.named_modules())
     missing = [m for m in record.unfreeze if m not in modules]
     if missing:
         raise ValueError(f"adapter {record.name!r} unfreezes module(s) {missing} that this model does not have")
-    result = plan(model, record.method, targets, record.name, record.unfreeze, record.options)
+    result = plan(model, record.method, targets, record.name, record.unfreeze, record.options, record.layer_options)
     result.record.reconstruction_error = record.reconstruction_error
+    result.record.active = record.active
     return result
 
 
@@ -181,13 +212,18 @@ def _expected_state(model: nn.Module, plans: list[Plan]) -> dict[str, torch.Tens
     return expected
 
 
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapters saved in ``directory`` to ``model`` and load their tensors.
+def _renamed(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``old`` under the keys of ``new``."""
+    renamed = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if _adapter_of(key) == old:
+            parts[parts.index(ADAPTERS_ATTR) + 1] = new
+        renamed[".".join(parts)] = value
+    return renamed
 
-    Raises FileNotFoundError or ValueError (missing, corrupt, foreign or mismatched adapter), in
-    which case ``model`` is left exactly as it was.
-    """
-    directory = Path(directory)
+
+def _read_native(directory: Path, name: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config = read_config(directory)
     tensor_path = directory / TENSORS_FILE
     if _sha256(tensor_path) != config.get("sha256"):
@@ -197,8 +233,16 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         tensors = load_file(tensor_path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{str(tensor_path)!r} is corrupt: {err}") from None
-    plans = [_plan_from_record(model, raw) for raw in config["adapters"]]
-    expected = _expected_state(model, plans)
+    if name is not None:
+        if len(config["adapters"]) != 1:
+            held = [a.get("name") for a in config["adapters"] if isinstance(a, dict)]
+            raise ValueError(f"name={name!r} renames a single-adapter directory; {str(directory)!r} holds {held}")
+        tensors = _renamed(tensors, config["adapters"][0].get("name"), name)
+    return config, tensors
+
+
+def _check_fits(directory: Path, model: nn.Module, expected: dict[str, torch.Tensor],
+                tensors: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
@@ -213,6 +257,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
         raise ValueError(f"adapter in {str(directory)!r} does not fit this {type(model).__name__} "
                          f"(other architecture or shapes): {'; '.join(details)}")
+
+
+def _load_instances(plans: list[Plan], tensors: dict[str, torch.Tensor]) -> None:
     for p in plans:
         for layer, slots in p.instances.items():
             prefix = f"{layer}.{ADAPTERS_ATTR}.{p.record.name}." if layer else f"{ADAPTERS_ATTR}.{p.record.name}."
@@ -220,12 +267,47 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 nn.ModuleDict(slots).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             except ValueError as err:
                 raise ValueError(f"adapter {p.record.name!r} on layer {layer!r}: {err}") from None
+
+
+def _install_all(model: nn.Module, plans: list[Plan], base_tensors: dict[str, torch.Tensor]) -> None:
+    """Install the plans and copy the unfrozen modules' tensors; a failure removes what was installed."""
+    with adapters_rolled_back_on_error(model):
+        for p in plans:
+            install(model, p)
     model_state = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
-        for key in expected:
-            if key in model_state and ADAPTERS_ATTR not in key.split("."):
-                model_state[key].copy_(tensors[key])
-    for p in plans:
-        install(model, p)
-    return model
+        for key, value in base_tensors.items():
+            model_state[key].copy_(value)
 
+
+def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = None, hotswap: bool = False) -> nn.Module:
+    """Attach the adapters saved in ``directory`` (visionpeft's format, or a PEFT adapter directory with
+    ``adapter_config.json``, read as LoRA) to ``model`` and load their tensors.
+
+    ``name`` attaches a single-adapter directory under that name; ``hotswap=True`` copies the tensors into the
+    already attached adapter ``name`` in place (same method and layers, ranks not larger), so a
+    ``torch.compile``'d model is not recompiled.
+
+    Raises FileNotFoundError or ValueError (missing, corrupt, foreign or mismatched adapter), in
+    which case ``model`` is left exactly as it was.
+    """
+    directory = Path(directory)
+    if name is not None and (not isinstance(name, str) or not name.isidentifier()):
+        raise ValueError(f"name={name!r} is invalid; use a Python identifier such as 'default'")
+    if hotswap:
+        from visionpeft.hotswap import hotswap as swap
+
+        return swap(model, directory, name)
+    from visionpeft.interop.peft_format import is_peft_directory, load_peft
+
+    if is_peft_directory(directory) and not (directory / CONFIG_FILE).is_file():
+        p, base_tensors = load_peft(model, directory, name or "default")
+        _install_all(model, [p], base_tensors)
+        return model
+    config, tensors = _read_native(directory, name)
+    plans = [_plan_from_record(model, raw, name) for raw in config["adapters"]]
+    expected = _expected_state(model, plans)
+    _check_fits(directory, model, expected, tensors)
+    _load_instances(plans, tensors)
+    _install_all(model, plans, {k: tensors[k] for k in expected if ADAPTERS_ATTR not in k.split(".")})
+    return model

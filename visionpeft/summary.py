@@ -13,19 +13,26 @@ def _count(params) -> int:
 
 
 def summary(model: nn.Module) -> str:
-    """Per adapter, method and layer kind: layers, slots and parameters; then the trainable share."""
-    rows: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    """Per adapter (method, active, merged) and layer kind: layers, slots and parameters; then the trainable
+    share."""
+    recs = records(model)
+    order = {name: i for i, name in enumerate(recs)}
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    merged: set[str] = set()
     for _, layer in adapted_layers(model):
+        merged |= set(layer._vp_merged)
         for adapter, slots in layer.vp_adapters.items():
-            method = records(model)[adapter].method if adapter in records(model) else "?"
-            row = rows[(adapter, method, layer._vp_kind.name)]
+            row = rows[(adapter, layer._vp_kind.name)]
             row[0] += 1
             row[1] += len(slots)
             row[2] += _count(slots.parameters())
-    header = ("adapter", "method", "layer kind", "layers", "weights", "parameters")
-    table = [header] + [(a, m, k, f"{n:,}", f"{s:,}", f"{p:,}") for (a, m, k), (n, s, p) in sorted(rows.items())]
+    header = ("adapter", "method", "active", "merged", "layer kind", "layers", "weights", "parameters")
+    table = [header] + [
+        (a, recs[a].method if a in recs else "?", "yes" if a in recs and recs[a].active else "no",
+         "yes" if a in merged else "no", k, f"{n:,}", f"{s:,}", f"{p:,}")
+        for (a, k), (n, s, p) in sorted(rows.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0]))]
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
-    lines = ["  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(str(c).rjust(w) if i >= 5 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     modules = dict(model.named_modules())

@@ -38,11 +38,26 @@ class AdaptedLayer:
     _vp_kind: LayerKind
     _vp_slots: dict[str, Slot]
     _vp_merged: dict[str, float]
+    #: adapters that stay attached but neither contribute nor train (``vp.set_active``)
+    _vp_inactive: frozenset = frozenset()
+    #: inside ``vp.disabled``: the base op alone
+    _vp_disabled: bool = False
+    #: inside ``vp.routing``: runs each group of samples with its own adapter (``visionpeft.routing.Route``)
+    _vp_route: Any = None
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._vp_route is not None:
+            return self._vp_route.run(self, args, kwargs)
+        if self._vp_disabled:
+            return self._vp_base_class.forward(self, *args, **kwargs)
+        names = [name for name in self.vp_adapters if name not in self._vp_merged and name not in self._vp_inactive]
+        return self.vp_forward(args, kwargs, names)
+
+    def vp_forward(self, args: tuple, kwargs: dict, names: list[str]) -> Any:
+        """The forward with exactly the (unmerged) adapters ``names`` applied."""
         base_forward = self._vp_base_class.forward
-        active = [(name, slots) for name, slots in self.vp_adapters.items() if name not in self._vp_merged]
+        active = [(name, self.vp_adapters[name]) for name in names]
         if not active:
             return base_forward(self, *args, **kwargs)
         kind = self._vp_kind
@@ -127,6 +142,9 @@ class AdaptedLayer:
                 folded = weight.float() + (scale if merge else -scale) * delta
             self._vp_kind.write(self, slot_name, folded.to(weight.dtype))
 
+    def vp_set_inactive(self, names) -> None:
+        self._vp_inactive = frozenset(names)
+
     def vp_methods(self) -> Iterator[tuple[str, str, nn.Module]]:
         for adapter, slots in self.vp_adapters.items():
             for slot_name, methods in slots.items():
@@ -136,7 +154,8 @@ class AdaptedLayer:
     def extra_repr(self) -> str:
         base = self._vp_base_class.extra_repr(self)
         merged = f", merged={sorted(self._vp_merged)}" if self._vp_merged else ""
-        return f"{base}, adapters={list(self.vp_adapters)}{merged}"
+        inactive = f", inactive={sorted(self._vp_inactive)}" if self._vp_inactive else ""
+        return f"{base}, adapters={list(self.vp_adapters)}{merged}{inactive}"
 
 
 def _adapted_class(base: type) -> type:
@@ -173,7 +192,7 @@ def restore(module: AdaptedLayer) -> nn.Module:
     """Back to the original class, with no adapters; the weights are left as they are."""
     base = module._vp_base_class
     del module._modules[ADAPTERS_ATTR]
-    for attr in ("_vp_kind", "_vp_slots", "_vp_merged"):
+    for attr in ("_vp_kind", "_vp_slots", "_vp_merged", "_vp_inactive", "_vp_disabled", "_vp_route"):
         module.__dict__.pop(attr, None)
     module.__class__ = base
     return module

@@ -15,7 +15,7 @@ weight-sized gradient, and costs a small fraction of the base conv. The branch i
 (``lowrank.add_low_rank_output``): the 1×1 maps are batched matrix products, and on linear ops and 1×1
 convs U_in is folded into the core first. One conv with U_in folded into the
 kernel (PEFT's shape) has one op fewer but C_in·r·k² multiply-adds: on the 35M UNet it stepped at 1.40× the
-floor against 1.46× in the same run, and per layer at SD-1.5's widths its extra cost was 2-5× the branch's.
+floor against 1.46× in the same run, and per layer at SD-1.5's widths its extra cost is 2-5× the branch's.
 Grouped and depthwise convs (where in/groups is the input mode) and MultiheadAttention use W + ΔW, with ΔW
 from one ordered contraction.
 """

@@ -3,7 +3,7 @@
 The branch ``out + alpha · up · (mid ⊙ down(pre(x)))`` runs as one autograd function per op kind (linear,
 conv) with a hand-written backward. Built from stock ops, the same branch is 10-20 small aten calls and 8-12
 autograd nodes per layer (views, casts, transposes, a contiguous copy of ``up``): on a UNet of 278 small
-adapted layers that host work, not the arithmetic, was most of the adapter's step time (``benchmarks/README.md``, FLoRA section).
+adapted layers that host work, not the arithmetic, is most of the adapter's step time (``benchmarks/README.md``, FLoRA section).
 The composed form stays for what the functions do not cover (autocast, torch.compile, padding modes other than
 zeros, asymmetric "same" padding) and as the reference the tests hold the functions to.
 """

@@ -300,30 +300,3 @@ class SaRA(Method):
     def extra_repr(self) -> str:
         return (f"selected={self.values.numel()}, trainable={self.trainable_entries()}, theta={self.theta.item():.3g}, "
                 f"lambda_rank={self.lambda_rank}, progressive_at={self.progressive_at}, path={self.path}")
-
-
-def merge_weighted(model: nn.Module, strengths: dict[str, float]) -> nn.Module:
-    """Fold several attached adapters into the base weights, each with its own strength:
-    ``W = W0 + Σ_k strengths[k] · ΔW_k`` (e.g. two SaRA styles at 0.6 each). ``visionpeft.unmerge``
-    takes them out again. Adapters not named stay as they are.
-
-    Raises ValueError (before any weight changes) for an unknown or already merged adapter or a
-    strength that is not a number.
-    """
-    from visionpeft.core import adapted_layers, records
-
-    attached = records(model)
-    for name, strength in strengths.items():
-        if name not in attached:
-            raise ValueError(f"adapter {name!r} is not attached; attached: {', '.join(attached) or '(none)'}")
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool):
-            raise ValueError(f"strength {strength!r} for adapter {name!r} must be a number")
-    layers = [layer for _, layer in adapted_layers(model)]
-    merged = sorted({a for layer in layers for a in layer._vp_merged if a in strengths})
-    if merged:
-        raise ValueError(f"adapter(s) {merged} are already merged; unmerge first")
-    for layer in layers:
-        for name, strength in strengths.items():
-            if name in layer.vp_adapters:
-                layer.vp_merge(name, float(strength))
-    return model
