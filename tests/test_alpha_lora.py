@@ -8,7 +8,7 @@ from torch import nn
 
 import visionpeft as vp
 from conftest import Wrap, max_rel, perturb
-from visionpeft.methods.alpha_lora import adapter_parameters, alpha_parameters, alpha_schedule
+from visionpeft.methods.alpha_lora import adapter_parameters, alpha_parameters
 
 
 def transformers_conv1d():
@@ -94,8 +94,6 @@ def test_alpha_parameters_are_apart_from_the_adapters():
     assert sorted(alphas) == ["body.vp_adapters.default.weight.base_scale", "head.vp_adapters.default.weight.base_scale"]
     assert set(alphas) | set(rest) == set(vp.trainable_parameters(model)) and not set(alphas) & set(rest)
     assert alpha_parameters(model, "other") == {}
-    with pytest.raises(ValueError, match="'other'"):
-        alpha_schedule(model, "other")
     assert list(alpha_parameters(model, ["default"])) == sorted(alphas)
 
 
@@ -109,8 +107,8 @@ def test_a_hand_written_bi_level_loop():
     with torch.no_grad():
         student.body.weight.div_(1.5)
     model = vp.attach(student, "alpha-lora", targets=["body"], rank=2)
-    schedule = alpha_schedule(model)
-    every, alpha_lr = schedule["alpha_every"], schedule["alpha_lr"]
+    options = vp.adapters(model)["default"]["options"]
+    every, alpha_lr = options["alpha_every"], options["alpha_lr"]
     assert (every, alpha_lr) == (10, 5e-3)
     adapter_opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-3)
     alpha_opt = torch.optim.Adam(alpha_parameters(model).values(), lr=alpha_lr)

@@ -5,8 +5,8 @@ s and the options ``rank``, ``alpha``, ``dropout``, ``rslora`` are LoRA's. ``sca
 the reference code) scales the bias with the base output; False gives α ⊙ W0·x + b. The paper trains α apart from
 the adapter (its Algorithm 1): every ``alpha_every`` steps (option, default 10), one step of its own Adam
 (``alpha_lr``, default 5e-3) on a batch from a held-out split. :func:`alpha_parameters` and
-:func:`adapter_parameters` split a model's trainable parameters for such a loop (README, "α-LoRA's bi-level
-update"); the two options are recorded with the adapter for the loop to read.
+:func:`adapter_parameters` split a model's trainable parameters for such a loop (README, Methods); the two options
+are recorded with the adapter for the loop to read (``vp.adapters(model)[name]["options"]``).
 
 Paths: on linear ops and convs (any groups) the layer runs its base op and this adapter scales the output in place
 (``methods/decomposed.py``'s gain, which keeps only the output for backward) and adds LoRA's fused branch. Where
@@ -89,27 +89,18 @@ class AlphaLoRA(NormalizedLowRank):
         return original
 
 
-def _instances(model: nn.Module, names: str | list[str] | None):
+def alpha_parameters(model: nn.Module, names: str | list[str] | None = None) -> dict[str, nn.Parameter]:
+    """The α vectors (``base_scale``) of the model's α-LoRA adapters (``names``: only these adapters), by
+    qualified parameter name: what α's own optimizer should get."""
     wanted = None if names is None else ({names} if isinstance(names, str) else set(names))
+    found = {}
     for name, module in model.named_modules():
         if isinstance(module, AlphaLoRA):
             parts = name.split(".")
             adapter = parts[parts.index(ADAPTERS_ATTR) + 1]  # <layer>.vp_adapters.<adapter>.<slot>
             if wanted is None or adapter in wanted:
-                yield name, module
-
-
-def alpha_parameters(model: nn.Module, names: str | list[str] | None = None) -> dict[str, nn.Parameter]:
-    """The α vectors (``base_scale``) of the model's α-LoRA adapters (``names``: only these adapters), by
-    qualified parameter name: what α's own optimizer should get."""
-    return {f"{name}.base_scale": module.base_scale for name, module in _instances(model, names)}
-
-
-def alpha_schedule(model: nn.Module, name: str = "default") -> dict[str, Any]:
-    """``{"alpha_every": T, "alpha_lr": lr}`` as attached with the α-LoRA adapter ``name``."""
-    for _, module in _instances(model, name):
-        return {key: module.config[key] for key in ("alpha_every", "alpha_lr")}
-    raise ValueError(f"no alpha-lora adapter named {name!r} is attached")
+                found[f"{name}.base_scale"] = module.base_scale
+    return found
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
