@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 import torch
+from scipy.fft import next_fast_len  # scipy comes with scikit-learn
 from torch import nn
 
 from visionpeft.layers.kinds import Slot
@@ -59,22 +60,6 @@ def random_sequence(seed: int, length: int) -> torch.Tensor:
     return torch.rand(length, generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
 
 
-def fast_fft_size(n: int) -> int:
-    """The smallest 2^a·3^b·5^c >= n: an FFT of a length with a large prime factor is 10-30x slower."""
-    best = 1 << max(0, (n - 1).bit_length())
-    power3 = 1
-    while power3 < best:
-        size = power3
-        while size < best:
-            candidate = size
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            size *= 5
-        power3 *= 3
-    return best
-
-
 class WindowBases(nn.Module):
     """``count`` bases of ``shape``: basis i is ``sequence[i : i + numel]``; combinations by FFT correlation."""
 
@@ -83,7 +68,8 @@ class WindowBases(nn.Module):
         self.count, self.shape = count, tuple(shape)
         self.numel = math.prod(shape)
         self.length = self.numel + count - 1
-        self.fft_size = fast_fft_size(self.length)  # zero-padded: still no wrap-around
+        # zero-padded to a 2^a·3^b·5^c length (an FFT of a length with a large prime factor is 10-30x slower)
+        self.fft_size = next_fast_len(self.length, real=True)
         self.register_buffer("sequence", random_sequence(seed, self.length).to(device), persistent=False)
 
     def basis(self, index: int) -> torch.Tensor:
