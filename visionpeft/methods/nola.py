@@ -30,8 +30,8 @@ import hashlib
 import math
 from typing import Any
 
-import torch
 from scipy.fft import next_fast_len  # scipy comes with scikit-learn
+import torch
 from torch import nn
 
 from visionpeft.layers.kinds import Slot
