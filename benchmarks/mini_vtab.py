@@ -9,7 +9,8 @@ floor (trunk frozen, activation gradients through every block) and HF PEFT's LoR
 DoRA (``peft-dora``, on the layers visionpeft's DoRA adapts) is measured for cost only (it has no recipe).
 
 Writes a markdown table per backbone (top-1 mean ± std per task, average, trainable parameters, step
-time, memory above the floor), the targets' verdicts, and a bar chart.
+time, memory above the floor), the targets' verdicts, a bar chart, and average top-1 against trainable
+parameters for every method (``<out>_per_parameter.png``: accuracy per parameter is NOLA's point).
 
     python benchmarks/mini_vtab.py [--backbones vit convnet] [--seeds 0 1 2] [--workers 2] [--out benchmarks/results/mini_vtab_cpu.md]
     python benchmarks/mini_vtab.py --tune-lr --tasks digits orientation --workers 2 [--backbones convnet]   # learning rates
@@ -32,8 +33,9 @@ from workloads import peft_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "mini_vtab"
-METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd", "dora", "map"]
-PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd", "dora", "map"]
+METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd", "dora", "map", "mora", "nola",
+           "alpha-lora"]
+PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd", "dora", "map", "mora", "nola", "alpha-lora"]
 #: measured for step time and memory only: no recipe trains them
 COST_ONLY = ["peft-dora"]
 BACKBONES = ["vit", "convnet"]
@@ -57,11 +59,13 @@ LR_GRID = {
     "vit": {"linear": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "full": [3e-4, 1e-3, 3e-3],
             "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
             "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [3e-3, 1e-2, 3e-2, 1e-1],
-            "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2]},
+            "svd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2],
+            "mora": [3e-3, 1e-2, 3e-2], "nola": [3e-4, 1e-3, 3e-3], "alpha-lora": [3e-3, 1e-2, 3e-2]},
     "convnet": {"linear": [3e-2, 1e-1, 3e-1], "full": [3e-4, 1e-3, 3e-3, 1e-2],
                 "lora": [3e-3, 1e-2, 3e-2], "flora": [1e-3, 3e-3, 1e-2, 3e-2],
                 "snella": [3e-3, 1e-2, 3e-2, 1e-1], "sara": [1e-2, 3e-2, 1e-1, 3e-1], "svd": [3e-2, 1e-1, 3e-1, 1.0],
-                "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2]},
+                "dora": [3e-3, 1e-2, 3e-2], "map": [3e-3, 1e-2, 3e-2],
+                "mora": [3e-3, 1e-2, 3e-2], "nola": [3e-4, 1e-3, 3e-3], "alpha-lora": [3e-3, 1e-2, 3e-2]},
 }
 LR_TIE = 1.0
 
@@ -355,6 +359,30 @@ def plot(args, accuracy: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_per_parameter(args, accuracy: dict, path: Path) -> None:
+    """Average top-1 over the tasks against trainable parameters (log scale), every method, one panel per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top1, trainable = accuracy["top1"], accuracy["trainable"]
+    fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 4.2), squeeze=False)
+    for ax, backbone in zip(axes[0], args.backbones):
+        for method in trained_methods(args):
+            average = statistics.mean(statistics.mean(top1[(backbone, t, method)]) for t in args.tasks)
+            count = trainable[(backbone, method)]
+            ax.scatter([count], [average], s=18)
+            ax.annotate(method, (count, average), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="trainable parameters", ylabel="average top-1 (%)", title=f"tiny {backbone}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("mini VTAB-1k: average test top-1 against trainable parameters")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     if "--child" in sys.argv:  # a cost measurement process started by the harness
         harness_main(cost_configs(), workloads(), floor="floor", peer="peft-lora")
@@ -391,6 +419,8 @@ def main() -> None:
     write_report(args.out, "Mini VTAB-1k: `python benchmarks/mini_vtab.py`", render(args, accuracy, cost))
     if args.out:
         plot(args, accuracy, Path(args.out).with_suffix(".png"))
+        out = Path(args.out)
+        plot_per_parameter(args, accuracy, out.with_name(out.stem + "_per_parameter.png"))
 
 
 def write_report(out: str | None, heading: str, report: str) -> None:

@@ -5,10 +5,14 @@ gradients flow through every block, no weight gradients), full fine-tuning, HF P
 (``use_dora``) r=8 on ``qkv``, and visionpeft LoRA, DoRA and MAP r=8 on ``qkv`` (head trainable in all).
 ``--dora`` compares the DoRA family with PEFT's DoRA as the peer; ``--inference`` times the forward alone
 (no gradients): the base model, DoRA unmerged and DoRA merged (``vp.merge``: the base's speed).
+``--extras`` compares MoRA r=8 on ``qkv``, α-LoRA r=8 on ``qkv`` and NOLA r=8 (k = l = 1024) on ``qkv`` and the
+MLP (``fc1``, ``fc2``) with our LoRA, on ``qkv`` and on those same layers; ``--workloads smoke`` runs any of these
+on a 2-block ViT at 32 px in seconds (a check that they run, not a measurement).
 
     python benchmarks/step.py [--device cuda] [--repeats 3] [--out benchmarks/results/step_cpu.md]
     python benchmarks/step.py --dora [--repeats 3] [--out benchmarks/results/dora_step_cpu.md]
     python benchmarks/step.py --inference [--repeats 20]
+    python benchmarks/step.py --extras [--repeats 3] [--out benchmarks/results/extras_step_cpu.md]
 """
 from __future__ import annotations
 
@@ -23,6 +27,18 @@ RANK = 8
 
 VIT_S = Workload("LoRA r=8 on qkv, timm ViT-S/16, 224 px, batch 8", vit_s16, image_batch, classification_loss,
                  floor_params=lambda m: [m.pos_embed], head=("head",))
+
+
+def smoke_vit():
+    """ViT-S/16's architecture at 2 blocks, width 64 and 32 px: a check that a configuration runs, in seconds."""
+    import timm
+
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                             depth=2, embed_dim=64, num_heads=2)
+
+
+SMOKE = Workload("smoke: 2-block ViT, 32 px, batch 2", smoke_vit, lambda device: image_batch(device, batch=2, size=32),
+                 classification_loss, floor_params=lambda m: [m.pos_embed], head=("head",))
 VIT_S_DORA = Workload("DoRA r=8 on qkv, timm ViT-S/16, 224 px, batch 8", vit_s16, image_batch, classification_loss,
                       floor_params=lambda m: [m.pos_embed], head=("head",))
 
@@ -38,19 +54,28 @@ def peft(dora):
     return setup
 
 
-def visionpeft(method):
+def visionpeft(method, targets=("qkv",), **options):
     def setup(model, workload):
         import visionpeft as vp
 
-        return vp.attach(model, method, targets=["qkv"], rank=RANK, unfreeze=["head"])
+        return vp.attach(model, method, targets=list(targets), rank=RANK, unfreeze=["head"], **options)
 
     return setup
 
 
+QKV_MLP = ("qkv", "fc1", "fc2")
+
+
 CONFIGS = {"floor": frozen_floor, "full": full, "peft-lora": peft(False), "visionpeft-lora": visionpeft("lora"),
-           "peft-dora": peft(True), "visionpeft-dora": visionpeft("dora"), "visionpeft-map": visionpeft("map")}
+           "peft-dora": peft(True), "visionpeft-dora": visionpeft("dora"), "visionpeft-map": visionpeft("map"),
+           "visionpeft-lora-qkv-mlp": visionpeft("lora", QKV_MLP), "visionpeft-mora": visionpeft("mora"),
+           "visionpeft-nola-qkv-mlp": visionpeft("nola", QKV_MLP, num_basis=(1024, 1024)),
+           "visionpeft-alpha-lora": visionpeft("alpha-lora")}
 LORA_CONFIGS = ["floor", "full", "peft-lora", "visionpeft-lora"]
 DORA_CONFIGS = ["floor", "peft-dora", "visionpeft-lora", "visionpeft-dora", "visionpeft-map"]
+#: targets: MoRA and α-LoRA against visionpeft-lora (qkv), NOLA against visionpeft-lora-qkv-mlp (same layers)
+EXTRAS_CONFIGS = ["floor", "visionpeft-lora", "visionpeft-mora", "visionpeft-alpha-lora", "visionpeft-lora-qkv-mlp",
+                  "visionpeft-nola-qkv-mlp"]
 
 
 def inference_benchmark(device: str = "cpu", repeats: int = 20) -> str:
@@ -89,6 +114,13 @@ if __name__ == "__main__":
         repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 20
         device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
         print(inference_benchmark(device, repeats))
+    elif "--extras" in argv:
+        argv.remove("--extras")
+        if "--configs" not in argv and "--child" not in argv:
+            argv += ["--configs", *EXTRAS_CONFIGS]
+        if "--workloads" not in argv and "--child" not in argv:
+            argv += ["--workloads", "vit_s16"]
+        main(CONFIGS, {"vit_s16": VIT_S, "smoke": SMOKE}, floor="floor", peer="visionpeft-lora", argv=argv)
     elif "--dora" in argv:
         argv.remove("--dora")
         if "--configs" not in argv and "--child" not in argv:
@@ -97,4 +129,5 @@ if __name__ == "__main__":
     else:
         if "--configs" not in argv and "--child" not in argv:
             argv += ["--configs", *LORA_CONFIGS]
-        main(CONFIGS, {"vit_s16": VIT_S}, floor="floor", peer="peft-lora", argv=argv)
+        workloads = {"vit_s16": VIT_S, "smoke": SMOKE} if "--child" in argv else {"vit_s16": VIT_S}  # children of --extras
+        main(CONFIGS, workloads, floor="floor", peer="peft-lora", argv=argv)

@@ -48,7 +48,7 @@ def adapted_names(model):
     return {re.sub(r"\.\d+(?=\.|$)", ".N", n) for n, m in model.named_modules() if hasattr(m, "vp_adapters")}
 
 
-@pytest.mark.parametrize("method", ["lora", "flora", "svd", "snella", "sara", "dora", "map"])
+@pytest.mark.parametrize("method", ["lora", "flora", "svd", "snella", "sara", "dora", "map", "mora", "nola", "alpha-lora"])
 @pytest.mark.parametrize("family", list(EXPECTED) + ["diffusers_unet"])
 def test_preset_targets_blocks_only_and_methods_are_exact(family, method, tmp_path):
     base, inputs = build(family)
@@ -66,7 +66,8 @@ def test_preset_targets_blocks_only_and_methods_are_exact(family, method, tmp_pa
     assert torch.equal(run(model, inputs), y0), "attach must not change the output (bit-exact)"
     trainable = vp.trainable_parameters(model)
     assert trainable and all(".vp_adapters." in n for n in trainable)
-    perturb(model, std=0.3)
+    # NOLA's factors sum 1024 coefficients over unit-sized bases: 0.3 each would make ΔW ~1000x W
+    perturb(model, std=0.01 if method == "nola" else 0.3)
     y1 = run(model, inputs)
     assert max_rel(y1, y0) > 1e-4
     run(model, inputs).float().pow(2).mean().backward()

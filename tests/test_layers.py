@@ -26,6 +26,10 @@ METHODS = {
     "sara-sparse-path": ("sara", dict(density=0.3, path="sparse")),
     "dora": ("dora", dict(rank=2)),
     "map": ("map", dict(rank=2)),
+    "mora-sharing": ("mora", dict(rank=2, operator="sharing")),
+    "mora-rotation": ("mora", dict(rank=2, operator="rotation")),
+    "nola": ("nola", dict(rank=2, num_basis=(4, 3))),
+    "alpha-lora": ("alpha-lora", dict(rank=2, scale_bias=False)),  # W + ΔW, the bias as it was (tests/test_alpha_lora.py)
 }
 
 
@@ -162,7 +166,8 @@ def test_mha_masks_and_gradients_flow_to_adapter(method):
     out, _ = model(q, q, q, key_padding_mask=mask, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
     out.sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert len(grads) >= 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert {n.split(".")[3] for n in grads} == {"in_proj", "out_proj"}, "both slots train"
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
     assert mha.in_proj_weight.grad is None
 
 

@@ -125,3 +125,20 @@ def test_the_convnets_adapters_also_get_its_stem_and_the_baselines_are_untouched
     for method in ("linear", "full"):
         assert bench.recipe_for(method, "convnet")["adapter"]["targets"] is None
     assert bench.recipe_for("lora", "convnet", ["adapter.targets=head"])["adapter"]["targets"] == "head"  # overrides win
+
+
+def test_accuracy_per_parameter_plot_has_every_method(bench, tmp_path):
+    import matplotlib.pyplot as plt
+
+    methods = ["linear", "lora", "nola", "mora", "alpha-lora"]
+    args = Namespace(backbones=["vit", "convnet"], tasks=["digits", "counting"], methods=methods)
+    top1 = {(b, t, m): [50.0 + i, 52.0 + i] for b in args.backbones for t in args.tasks for i, m in enumerate(methods)}
+    trainable = {(b, m): 10 ** (i + 2) for b in args.backbones for i, m in enumerate(methods)}
+    drawn = []
+    original = plt.Axes.annotate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Axes, "annotate", lambda ax, text, xy, **kw: drawn.append((text, xy)) or original(ax, text, xy, **kw))
+        bench.plot_per_parameter(args, {"top1": top1, "trainable": trainable}, tmp_path / "grid_per_parameter.png")
+    assert (tmp_path / "grid_per_parameter.png").stat().st_size > 0
+    assert sorted(drawn)[:2] == [("alpha-lora", (10 ** 6, 55.0)), ("alpha-lora", (10 ** 6, 55.0))]
+    assert sorted({text for text, _ in drawn}) == sorted(methods)

@@ -39,10 +39,11 @@ class Net(nn.Module):
         return self.fc(h).mean(1)
 
 
-@pytest.mark.parametrize("methods", [("lora", "lora", "lora"), ("flora", "svd", "snella"), ("sara", "lora", "svd")])
+@pytest.mark.parametrize("methods", [("lora", "lora", "lora"), ("flora", "svd", "snella"), ("sara", "lora", "svd"),
+                                     ("mora", "nola", "alpha-lora")])
 def test_mixed_batch_equals_each_sample_alone(methods):
     model = Net().eval()
-    options = {"snella": {}, "sara": {"density": 0.2}}
+    options = {"snella": {}, "sara": {"density": 0.2}, "nola": {"num_basis": (8, 8)}}
     for name, method in zip("abc", methods):
         vp.attach(model, method, targets=["conv", "attn", "fc"], name=name, **options.get(method, {}))
     perturb(model)

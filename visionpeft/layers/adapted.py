@@ -133,6 +133,10 @@ class AdaptedLayer:
             weight = self._vp_kind.read(self, slot_name)
             if getattr(methods, "reads_base", False):  # ΔW depends on W0: the method inverts its own merge
                 folded = methods.merged_weight(weight, scale) if merge else methods.unmerged_weight(weight, scale)
+                bias_at = self._vp_kind.bias(self, slot_name) if self._vp_kind.single_input else None
+                if bias_at is not None and hasattr(methods, "folded_bias"):  # α-LoRA's scaled bias
+                    bias = getattr(*bias_at)
+                    bias.copy_(methods.folded_bias(bias, self._vp_slots[slot_name], scale, merge))
             else:
                 delta = self.vp_delta(adapter, slot_name).to(weight.device)
                 folded = weight.float() + (scale if merge else -scale) * delta

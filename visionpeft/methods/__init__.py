@@ -6,7 +6,7 @@ method name (aliases included): the package of methods is also the list of them.
 import sys
 import types
 
-from visionpeft.methods import dora, flora, lora, map, sara, snella, svd  # noqa: F401
+from visionpeft.methods import alpha_lora, dora, flora, lora, map, mora, nola, sara, snella, svd  # noqa: F401
 from visionpeft.methods.base import Method, Option, get_method, register, registered_names
 
 __all__ = ["Method", "Option", "get_method", "register", "registered_names"]

@@ -69,6 +69,8 @@ class Method(nn.Module):
     #: ``delta(weight)``, ``add_output_delta(x, out, slot, weight, bias)`` (only where the method is the sole
     #: adapter on the slot, so ``out`` is W0·x + b) and merges through ``merged_weight(weight, scale)`` /
     #: ``unmerged_weight(merged, scale)`` (float32), with ``weight`` the slot's weight as the layer holds it.
+    #: A method whose activation path changes the bias too defines ``folded_bias(bias, slot, scale, merge)``,
+    #: the bias after merging or unmerging (asked only on single-input layers).
     reads_base: ClassVar[bool] = False
 
     def __init__(self, slot: Slot, **options: Any) -> None:
