@@ -55,16 +55,45 @@ def test_mixed_batch_equals_each_sample_alone(methods):
     assert torch.allclose(mixed, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_each_adapter_branch_runs_only_on_its_rows():
-    model = nn.Sequential(nn.Linear(8, 8))
-    for name in "abc":
-        vp.attach(model, "lora", targets=["0"], name=name, rank=2)
-    x = torch.randn(6, 8)
-    with torch.no_grad(), vp.routing(model, PER_SAMPLE), RecordCalls(torch.ops.aten.addmm.default) as record:
-        model(x)
-    # one fused base + branch product per adapter on its own rows, and the plain base op on the base row
-    rows = sorted(call[1].shape[0] for call in record.calls)
-    assert rows == [1, 1, 2, 2], rows
+def stacked_linears():
+    """Two Linears; "a" (rank 2) and "b" (rank 3) adapt both, "c" (rank 1) only the second."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    vp.attach(model, "lora", targets=["0", "1"], name="a", rank=2)
+    vp.attach(model, "lora", targets=["0", "1"], name="b", rank=3)
+    vp.attach(model, "lora", targets=["1"], name="c", rank=1)
+    perturb(model)
+    return model
+
+
+def test_low_rank_branches_run_as_one_batched_product_beside_one_base_op():
+    model = stacked_linears()
+    x = torch.randn(len(PER_SAMPLE), 8)
+    with torch.no_grad(), vp.routing(model, PER_SAMPLE), RecordCalls(torch.ops.aten.addmm.default) as base, \
+            RecordCalls(torch.ops.aten.bmm.default) as down:
+        mixed = model(x)
+    with torch.no_grad():
+        expected = alone(copy.deepcopy(model), PER_SAMPLE, x)
+    assert torch.allclose(mixed, expected, atol=1e-6, rtol=1e-5)
+    # per layer: the base op once over all 6 rows, the down-projections as one product of per-sample factors
+    # (zero-padded to the layer's largest rank), never one pass per adapter
+    assert [call[1].shape[0] for call in base.calls] == [6, 6]
+    assert [tuple(call[1].shape) for call in down.calls] == [(6, 8, 3), (6, 8, 3)]
+
+
+def test_low_rank_branches_train_as_each_sample_alone():
+    model = stacked_linears()
+    reference = copy.deepcopy(model)
+    x = torch.randn(len(PER_SAMPLE), 8)
+    with vp.routing(model, PER_SAMPLE):
+        model(x).square().sum().backward()
+    for i, name in enumerate(PER_SAMPLE):
+        if name is not None:
+            vp.set_active(reference, name)
+            reference(x[i:i + 1]).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys() and len(grads) == 10  # A and B of a, b (two layers each) and c
+    assert all(torch.allclose(grads[n], expected[n], atol=1e-5, rtol=1e-4) for n in grads)
 
 
 def test_training_gradients_equal_those_of_each_sample_alone():

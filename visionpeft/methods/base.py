@@ -92,6 +92,12 @@ class Method(nn.Module):
         contribution; may add in place."""
         raise NotImplementedError
 
+    def low_rank_branch(self, slot: Slot) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(down (rank × in), up (out × rank), scale)``, the live parameters, when :meth:`add_output_delta` on this
+        linear ``slot`` adds exactly ``scale · up · down · x``; None otherwise. ``vp.routing`` then runs the
+        branches of a mixed batch's adapters as one batched product per layer."""
+        return None
+
     def gradient_from_output(self, slot: Slot) -> bool:
         """True when the op should run with :meth:`effective_weight` as a constant and :meth:`tap_output`
         give the parameters their gradient from the op's input and output gradient (only asked where the

@@ -73,6 +73,12 @@ class LoRA(Method):
     def uses_activation_path(self, slot: Slot) -> bool:
         return slot.op == "linear" or (slot.op == "conv" and (slot.groups == 1 or self.dropout is not None))
 
+    def low_rank_branch(self, slot: Slot) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        # subclasses that read W0 (DoRA, MAP, alpha-LoRA) transform the base output too: not a plain branch
+        if slot.op != "linear" or self.reads_base or (self.dropout is not None and self.training):
+            return None
+        return self.lora_A, self.lora_B, self.scale
+
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
