@@ -149,11 +149,12 @@ def attach_peft_lora(model: nn.Module, adapter: dict[str, Any]) -> nn.Module:
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float, rules: list[str]) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay for parameters matching a rule (a name fragment, or "1d" for ≤1-D)."""
+def param_groups(model: nn.Module, weight_decay: float, rules: list[str], exclude=()) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay for parameters matching a rule (a name fragment, or "1d" for ≤1-D); the
+    parameters whose ids are in ``exclude`` are left out (another optimizer trains them)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in exclude:
             continue
         skip = any((rule == "1d" and param.ndim <= 1) or (rule != "1d" and rule in name) for rule in rules)
         (no_decay if skip else decay).append(param)

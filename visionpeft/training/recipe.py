@@ -22,6 +22,9 @@ Units and modes of the keys that need them:
 - ``train.precision``: ``no`` (YAML's unquoted no/off/false read as false are accepted), ``bf16``, ``fp16``,
   or ``auto`` (the best for the device: bf16 or fp16 on a GPU, full precision on the CPU).
 - ``train.device``: ``auto``, ``cpu`` or ``cuda`` (an error where there is no GPU).
+- ``data.alpha_holdout``: for ``adapter.method=alpha-lora``, the fraction of the training split held out for α's
+  bi-level step (its own Adam every ``adapter.options.alpha_every`` steps on a held-out batch;
+  :mod:`visionpeft.training.alpha_steps`); null trains α with the adapter.
 
 An unknown key, a missing required key or a value of the wrong type is a ValueError that names the
 dotted key and says what is allowed.
@@ -65,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "eval_split": ((str,), "test"),
         "augmentation": ((str,), "none"),
         "num_workers": ((int,), 0),
+        "alpha_holdout": ((int, float, type(None)), None),
     },
     "train": {
         "epochs": ((int, type(None)), None),
@@ -234,6 +238,10 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             check_value(f"adapter.options.{key}", value, allowed[key])
             if key == "rank" and value < 1:
                 raise ValueError(f"{source}: adapter.options.rank={value!r} must be >= 1")
+    holdout = recipe["data"]["alpha_holdout"]
+    if holdout is not None and (method != "alpha-lora" or not 0 < holdout < 1):
+        raise ValueError(f"{source}: data.alpha_holdout={holdout!r} must be a fraction in (0, 1) of the training split, "
+                         f"held out for the bi-level step of adapter.method=alpha-lora (got method {method!r})")
     if recipe["data"]["format"] == "vtab1k" and not recipe["data"]["task"]:
         raise ValueError(f"{source}: data.task is required for data.format=vtab1k (e.g. cifar, dtd, ...)")
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 import visionpeft as vp
 from visionpeft.data import build_dataset, build_transform
 from visionpeft.training import checkpoints
+from visionpeft.training.alpha_steps import AlphaSteps, split_holdout
 from visionpeft.training.backbone import (  # noqa: F401  (re-exported: the runner's public helpers)
     TINY_PREFIX, apply_adapter, attach_peft_lora, build_model, head_name, load_checkpoint, param_groups,
 )
@@ -86,12 +87,19 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         return decision.summary
     set_seed(cfg["seed"])
     train_set, eval_set = datasets(recipe)
+    holdout = None
+    if recipe["data"]["alpha_holdout"] is not None:
+        train_set, holdout = split_holdout(train_set, recipe["data"]["alpha_holdout"], cfg["seed"])
     check_batch_fits(len(train_set), cfg["batch_size"], describe_data(recipe["data"]))
     if cfg["batch_size"] % accelerator.num_processes:
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be divisible by the {accelerator.num_processes} processes")
     model = apply_adapter(build_model(recipe, train_set.num_classes), recipe["adapter"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["no_decay"]), lr=cfg["lr"])
+    alpha = None if holdout is None else AlphaSteps(model, holdout, recipe["adapter"]["options"], cfg["batch_size"],
+                                                    cfg["seed"])
+    groups = param_groups(model, cfg["weight_decay"], cfg["no_decay"], exclude=alpha.ids() if alpha else ())
+    clipped = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         if decision.action == "fresh":
@@ -111,6 +119,8 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         optimizer, lr_lambda(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], warmup_steps, total_steps))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    if alpha is not None:
+        alpha.optimizer = accelerator.prepare(alpha.optimizer)
     checkpoints.keep_trainable_state(accelerator)
     raw_model = accelerator.unwrap_model(model)
 
@@ -152,7 +162,7 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                                     + vp.regularization(raw_model))
                             accelerator.backward(loss)
                             if accelerator.sync_gradients and cfg["grad_clip"]:
-                                accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                                accelerator.clip_grad_norm_(clipped, cfg["grad_clip"])
                             optimizer.step()
                             if accelerator.sync_gradients:
                                 vp.step(raw_model, step + 1, total_steps)  # after the update, before grads are cleared
@@ -163,13 +173,14 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                         if not accelerator.sync_gradients:
                             continue
                         step += 1
+                        alpha_loss = alpha and alpha.run(model, accelerator, step, cfg["label_smoothing"], optimizer)
                         seconds = time.perf_counter() - window_start  # training only: evaluation comes after
                         step_times.append(seconds)
                         bar.update()
                         lr = scheduler.get_last_lr()[0]
                         record = {"step": step, "epoch": step / per_epoch, "loss": statistics.mean(window_loss),
                                   "lr": lr, "images_per_s": window_images / seconds if seconds > 0 else 0.0,
-                                  "top1": None}
+                                  "top1": None} | ({"alpha_loss": alpha_loss} if alpha else {})
                         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", img_s=f"{record['images_per_s']:.0f}")
                         window_loss, window_images = [], 0
                         last_epochs = cfg["epochs"] and step > (epochs_total - cfg["eval_last"]) * per_epoch
@@ -212,6 +223,10 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def alpha_run(history: list[dict]) -> bool:
+    return bool(history) and "alpha_loss" in history[0]
+
+
 def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list, best: float | None,
            trainable: int, step_times: list[float], accelerator) -> dict[str, Any]:
     method = recipe["adapter"]["method"]
@@ -226,7 +241,8 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
     else:
         vp.save(model, output / "adapter")
     evaluated = [r for r in history if r["top1"] is not None]
-    write_csv(output / "metrics.csv", history, ["step", "epoch", "loss", "lr", "images_per_s", "top1"])
+    fields = ["step", "epoch", "loss", "lr", "images_per_s", "top1"] + (["alpha_loss"] if alpha_run(history) else [])
+    write_csv(output / "metrics.csv", history, fields)
     summary = {
         "method": method,
         "task": recipe["data"].get("task"),
