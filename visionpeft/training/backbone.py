@@ -70,6 +70,33 @@ def check_image_size(model: nn.Module, spec: dict[str, Any]) -> None:
         model.train(training)
 
 
+def inductor_missing(device_type: str) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot run on this device type, or None if it can."""
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python"
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "inductor needs triton on the GPU (pip install triton)"
+        return None
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU (g++, c++ or clang++ on PATH)"
+    return None
+
+
+def compile_model(model: nn.Module, device_type: str) -> nn.Module:
+    """``torch.compile`` of the model (inductor), or a ValueError saying why it cannot run here."""
+    missing = inductor_missing(device_type)
+    if missing:
+        raise ValueError(f"train.compile=true: {missing}; use train.compile=false")
+    return torch.compile(model)
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Weights from a local file: ``.npz`` (original ViT), ``.safetensors``, or a torch file of tensors."""
     file = Path(path)

@@ -22,6 +22,7 @@ Units and modes of the keys that need them:
 - ``train.precision``: ``no`` (YAML's unquoted no/off/false read as false are accepted), ``bf16``, ``fp16``,
   or ``auto`` (the best for the device: bf16 or fp16 on a GPU, full precision on the CPU).
 - ``train.device``: ``auto``, ``cpu`` or ``cuda`` (an error where there is no GPU).
+- ``train.compile``: ``true`` runs the model through ``torch.compile`` (inductor; an error where it is missing).
 - ``data.alpha_holdout``: for ``adapter.method=alpha-lora``, the fraction of the training split held out for α's
   bi-level step (its own Adam every ``adapter.options.alpha_every`` steps on a held-out batch;
   :mod:`visionpeft.training.alpha_steps`); null trains α with the adapter.
@@ -93,6 +94,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "resume": ((str, type(None)), None),
         "device": ((str,), "auto"),
         "log_interval": ((int,), 10),
+        "compile": ((bool,), False),
     },
     "output": ((str,), REQUIRED),
 }

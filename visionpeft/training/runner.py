@@ -25,7 +25,7 @@ from visionpeft.data import build_dataset, build_transform
 from visionpeft.training import checkpoints
 from visionpeft.training.alpha_steps import AlphaSteps, split_holdout
 from visionpeft.training.backbone import (  # noqa: F401  (re-exported: the runner's public helpers)
-    TINY_PREFIX, apply_adapter, attach_peft_lora, build_model, head_name, load_checkpoint, param_groups,
+    TINY_PREFIX, apply_adapter, attach_peft_lora, build_model, compile_model, head_name, load_checkpoint, param_groups,
 )
 from visionpeft.training.checkpoints import CHECKPOINTS, latest_checkpoint  # noqa: F401
 from visionpeft.training.interrupt import StopRequest, TrainingInterrupted, resume_hint
@@ -100,6 +100,8 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     groups = param_groups(model, cfg["weight_decay"], cfg["no_decay"], exclude=alpha.ids() if alpha else ())
     clipped = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+    if cfg["compile"]:  # lazy: compiles at the first forward (checkpoint keys then carry _orig_mod.)
+        model = compile_model(model, accelerator.device.type)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         if decision.action == "fresh":
@@ -122,7 +124,7 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     if alpha is not None:
         alpha.optimizer = accelerator.prepare(alpha.optimizer)
     checkpoints.keep_trainable_state(accelerator)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     step, history, best = 0, [], None
     if decision.action == "resume":
