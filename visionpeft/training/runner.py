@@ -30,7 +30,7 @@ from visionpeft.training.backbone import (  # noqa: F401  (re-exported: the runn
 from visionpeft.training.checkpoints import CHECKPOINTS, latest_checkpoint  # noqa: F401
 from visionpeft.training.interrupt import StopRequest, TrainingInterrupted, resume_hint
 from visionpeft.training.launch import make_accelerator, peak_memory_mb, progress_enabled  # noqa: F401
-from visionpeft.training.outputs import write_csv, write_json
+from visionpeft.training.outputs import plot_curves, write_csv, write_json  # noqa: F401
 from visionpeft.training.recipe import BASELINES
 from visionpeft.training.schedule import EpochOrder, check_batch_fits, lr_lambda, updates_per_epoch  # noqa: F401
 
@@ -261,24 +261,6 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
     plot_curves(history, output / "curves.png", title=f"{method} on {recipe['data'].get('task') or recipe['data']['root']}")
     write_json(output / "summary.json", summary)  # last: a summary marks a finished run
     return summary
-
-
-def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot([r["step"] for r in history], [r["loss"] for r in history], color="tab:blue")
-    left.set(xlabel="step", ylabel="training loss", title="loss")
-    evaluated = [r for r in history if r["top1"] is not None]
-    right.plot([r["step"] for r in evaluated], [r["top1"] for r in evaluated], marker="o", color="tab:green")
-    right.set(xlabel="step", ylabel="top-1 (%)", title="evaluation")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def evaluate_adapter(recipe: dict[str, Any], adapter_dir: str) -> float:
