@@ -34,7 +34,7 @@ def run(method: str, args: argparse.Namespace) -> tuple[dict, dict]:
                  f"output={Path(args.output) / method}", "train.eval_interval=1"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
-    if args.resume:
+    if getattr(args, "resume", False):
         overrides.append("train.resume=auto")
     recipe = load_recipe(RECIPES / f"{method}.yaml", overrides)
     return recipe, train(recipe)
