@@ -50,9 +50,11 @@ def _load(kind: str, args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     kind = _recipe_kind(args.recipe, args.overrides)
-    summary = _recipe_module(kind).train(_load(kind, args), progress=not args.quiet)
+    recipe = _load(kind, args)
+    summary = _recipe_module(kind).train(recipe, progress=not args.quiet)
     if summary:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+        print(f"outputs in {recipe['output']}")
     return 0
 
 
@@ -102,6 +104,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TasksAction(argparse.Action):
+    """``--tasks a b key=value``: the words with ``=`` are overrides, not task names."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        tasks = [v for v in values if "=" not in v]
+        if not tasks:
+            parser.error(f"{option_string} needs at least one task name, got {' '.join(values)}")
+        setattr(namespace, self.dest, tasks)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + [v for v in values if "=" in v]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionpeft", description="Parameter-efficient fine-tuning for vision models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = commands.add_parser("sweep", help="run a recipe over every task of its benchmark and tabulate")
     sweep.add_argument("recipe")
     sweep.add_argument("overrides", nargs="*")
-    sweep.add_argument("--tasks", nargs="+", default=None)
+    sweep.add_argument("--tasks", nargs="+", default=None, action=_TasksAction,
+                       help="task names (key=value words among them are overrides)")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(run=_sweep)
     gen = commands.add_parser("generate", help="sample images from a Stable Diffusion pipeline with a saved adapter")
@@ -140,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="weights of the pipeline (adapters keep float32 parameters)")
     gen.set_defaults(run=_generate)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (e.g. after --quiet) land here
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"visionpeft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # training stops cleanly on Ctrl-C; its message says how to resume
+        print(f"visionpeft {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A recipe (``task: dreambooth``) is validated before anything runs::
     prior:        class_prompt (null: no prior preservation), class_dir, num_class_images, loss_weight,
                   sample_steps, sample_batch_size, guidance_scale
     train:        steps, batch_size, lr, weight_decay, no_decay, warmup_steps, schedule, grad_clip, precision,
-                  grad_accum, gradient_checkpointing, seed, device
+                  grad_accum, gradient_checkpointing, seed, device, checkpoint_interval, keep_checkpoints, resume
     validation:   prompts, interval, images_per_prompt, steps, guidance_scale, sampler
     output:       the run directory
 
@@ -21,7 +21,11 @@ recipes: biases, norms and every 1-D tensor, such as SVD's singular values and S
 at the pretrained values); the learning rate warms up linearly from 0 over ``warmup_steps`` (diffusers'
 convention), then stays constant or follows a cosine to 0. The output folder gets ``adapter/`` (``vp.save`` of the
 UNet, ``adapter/text_encoder/`` when the text encoder trains; the folder is replaced as a whole), ``validation/
-step_<N>.png`` grids, ``metrics.csv``, ``summary.json`` and ``recipe.json``.
+step_<N>.png`` grids, ``metrics.csv``, ``summary.json`` and ``recipe.json``. Checkpoints (trainable state only) go to
+``checkpoints/step_<N>`` at each validation by default, and resume as in the classification runner
+(:mod:`visionpeft.training.checkpoints`: ``train.resume=auto`` continues a run of the same settings, reports a
+finished one, refuses other settings; Ctrl-C writes a checkpoint). ``train.precision=auto`` (the default) is bf16 or
+fp16 on a GPU and full precision on the CPU, where fp16 is several times slower.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from visionpeft.training.interrupt import handles_ctrl_c
+from visionpeft.training.launch import progress_enabled
 from visionpeft.training.outputs import write_csv, write_json
 from visionpeft.training.recipe import (
     ADAPTER_SECTION, NUMBER, REQUIRED, apply_overrides, check_method_options, read_yaml, validate_schema,
@@ -83,11 +89,14 @@ SCHEMA: dict[str, Any] = {
         "warmup_steps": ((int,), 0),
         "schedule": ((str,), "constant"),
         "grad_clip": ((int, float, NULL), 1.0),
-        "precision": ((str,), "no"),
+        "precision": ((str,), "auto"),
         "grad_accum": ((int,), 1),
         "gradient_checkpointing": ((bool,), False),
         "seed": ((int,), 0),
         "device": ((str,), "auto"),
+        "checkpoint_interval": ((int, str, NULL), "eval"),
+        "keep_checkpoints": ((int, NULL), 2),
+        "resume": ((str, NULL), None),
     },
     "validation": {
         "prompts": ((list,), []),
@@ -101,7 +110,7 @@ SCHEMA: dict[str, Any] = {
 }
 CHOICES = {
     "task": (TASK,),
-    "train.precision": ("no", "bf16", "fp16"),
+    "train.precision": ("auto", "no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.schedule": ("constant", "cosine"),
     "validation.sampler": ("dpmsolver", "pipeline"),
@@ -130,6 +139,10 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
                          f"{train['lr']!r}, {train['weight_decay']!r}, {train['warmup_steps']!r})")
     if train["grad_clip"] is not None and train["grad_clip"] <= 0:
         raise ValueError(f"{source}: train.grad_clip={train['grad_clip']!r} must be > 0, or null for no clipping")
+    interval = train["checkpoint_interval"]
+    if (isinstance(interval, str) and interval != "eval") or (isinstance(interval, int) and interval < 1):
+        raise ValueError(f"{source}: train.checkpoint_interval={interval!r} must be 'eval' (at each validation), a "
+                         f"number of steps >= 1, or null (no checkpoints)")
     if not all(isinstance(rule, str) and rule for rule in train["no_decay"]):
         raise ValueError(f"{source}: train.no_decay={train['no_decay']!r} must be a list of parameter-name fragments "
                          f"(or '1d' for every tensor of at most one dimension)")
@@ -307,6 +320,7 @@ def _validation_grid(pipeline, cfg: dict[str, Any], seed: int, path: Path, model
     return save_image(image_grid(images, columns=cfg["images_per_prompt"]), path)
 
 
+@handles_ctrl_c
 def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run a validated DreamBooth recipe (see :func:`validate`); returns the summary (also in summary.json)."""
     from accelerate.utils import set_seed
@@ -315,19 +329,28 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     import visionpeft as vp
     from visionpeft.models.pipelines import load_pipeline, save_pipeline_adapter
     from visionpeft.training.dreambooth_data import DreamBoothImages, ensure_class_images, list_images
+    from visionpeft.training import checkpoints
+    from visionpeft.training.resumable import ResumableSteps
     from visionpeft.training.runner import make_accelerator, peak_memory_mb
+    from visionpeft.training.schedule import EpochOrder
 
     cfg, data, prior, val = recipe["train"], recipe["data"], recipe["prior"], recipe["validation"]
     instance_images = list_images(data["instance_dir"], "data.instance_dir")
     if not instance_images:
         raise ValueError(f"data.instance_dir {data['instance_dir']!r} holds no image")
     output = Path(recipe["output"])
+    decision = checkpoints.plan(recipe)  # before anything in the output folder changes
     accelerator = make_accelerator(recipe)
+    if decision.action == "finished":
+        accelerator.print(decision.message)
+        return decision.summary
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
+        if decision.action == "fresh":
+            checkpoints.start_fresh(output)
         write_json(output / "recipe.json", recipe)
     set_seed(cfg["seed"])
-    weight_dtype = WEIGHT_DTYPES[cfg["precision"]]
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]  # train.precision=auto resolved for the device
     pipeline = load_pipeline(recipe["model"]["pretrained"], dtype=weight_dtype, revision=recipe["model"]["revision"],
                              variant=recipe["model"]["variant"])
     pipeline.to(accelerator.device)
@@ -362,31 +385,36 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     trainable = sum(p.numel() for p in params)
 
     dataset = DreamBoothImages(instance_images, data["resolution"], data["center_crop"], class_images)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
-                                         num_workers=data["num_workers"])
+    order = EpochOrder(len(dataset), cfg["seed"])  # the same order after a resume
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=order, drop_last=False,
+                                         num_workers=data["num_workers"], generator=torch.Generator())
+    batches_per_epoch = len(loader)
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     prepared = accelerator.prepare(*trained, optimizer, loader, scheduler)
     unet_run = prepared[0]
     text_run = prepared[1] if train_text else text_encoder
     optimizer, loader, scheduler = prepared[-3:]
+    every = val["interval"] if cfg["checkpoint_interval"] == "eval" else cfg["checkpoint_interval"]
+    resumable = ResumableSteps(recipe, accelerator, decision, order, batches_per_epoch, every)
+    state = resumable.restore()
 
     with torch.no_grad():
         prompts = [data["instance_prompt"]] + ([prior["class_prompt"]] if class_images else [])
         fixed = None if train_text else encode_prompts(tokenizer, text_encoder, prompts, accelerator.device)
 
-    history: list[dict[str, Any]] = []
-    grids: list[str] = []
+    history: list[dict[str, Any]] = state.get("history", [])
+    grids: list[str] = state.get("grids", [])
     step_times: list[float] = []
     total = cfg["steps"]
-    bar = tqdm(total=total, desc=f"dreambooth {recipe['adapter']['method']}", unit="step",
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = tqdm(total=total, initial=state["step"], desc=f"dreambooth {recipe['adapter']['method']}", unit="step",
+               disable=not progress_enabled(progress, accelerator))
     window: list[LossParts] = []
-    step, start = 0, time.perf_counter()
+    step, start = state["step"], time.perf_counter()
     for model in trained:
         model.train()
     while step < total:
-        for batch in loader:
+        for batch in resumable.epoch(loader, step):
             with accelerator.accumulate(*[unet_run] + ([text_run] if train_text else [])):
                 encoded = fixed if fixed is not None else encode_prompts(tokenizer, text_run, prompts, accelerator.device)
                 pixels, states, n_instance = assemble_batch(batch, encoded)
@@ -423,6 +451,7 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                 grid = _validation_grid(pipeline, val, cfg["seed"], output / "validation" / f"step_{step:06d}.png",
                                         trained, accelerator)
                 grids.append(str(grid))
+            resumable.after_step(step, total, {"history": history, "grids": grids})
             start = time.perf_counter()
             if step >= total:
                 break
@@ -448,6 +477,8 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "processes": accelerator.num_processes,
             "adapter": str(output / "adapter"),
+            "output": str(output),
+            "fingerprint": checkpoints.fingerprint(recipe),
             "validation_grids": grids,
         }
         write_json(output / "summary.json", summary)
