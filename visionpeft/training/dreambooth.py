@@ -1,27 +1,34 @@
-"""DreamBooth-style subject-driven fine-tuning of a Stable Diffusion pipeline with any visionpeft method.
+"""DreamBooth-style subject-driven fine-tuning of a diffusion pipeline (SD-1.x/2.x, SDXL, SD3, FLUX) with any
+visionpeft method.
 
 A recipe (``task: dreambooth``) is validated before anything runs::
 
     model:        pretrained (a local pipeline directory or a hub id), revision, variant
-    adapter:      method, options, targets            the UNet's adapter (any registered method)
-    text_encoder: method (null: text encoder frozen), options, targets
-    data:         instance_dir, instance_prompt ("a photo of sks dog"), resolution, center_crop
+    adapter:      method, options, targets            the denoiser's adapter (UNet or transformer; any method)
+    text_encoder: method (null: text encoders frozen), options, targets, components (null: the pipeline's CLIP
+                  encoders, see ``visionpeft.models.pipeline_kinds``; or a list such as [text_encoder_2])
+    data:         instance_dir, instance_prompt ("a photo of sks dog"), resolution, center_crop, cache_latents,
+                  cache_text_embeddings, cache_dir, max_sequence_length (T5 tokens; null: 77 for SD3, 512 for FLUX)
     prior:        class_prompt (null: no prior preservation), class_dir, num_class_images, loss_weight,
                   sample_steps, sample_batch_size, guidance_scale
     train:        steps, batch_size, lr, weight_decay, no_decay, warmup_steps, schedule, grad_clip, precision,
-                  grad_accum, gradient_checkpointing, seed, device
+                  grad_accum, gradient_checkpointing, seed, device,
+                  snr_gamma, noise_offset                                            (ε/v models)
+                  weighting_scheme, logit_mean, logit_std, mode_scale, guidance_scale (flow models; guidance: FLUX)
     validation:   prompts, interval, images_per_prompt, steps, guidance_scale, sampler
     output:       the run directory
 
-Training follows diffusers' ``train_dreambooth_lora.py``: latents from the frozen VAE, DDPM forward noising with
-the scheduler of the pipeline (uniform timesteps), the ε or v target its ``prediction_type`` names, and with prior
-preservation each batch holds instance and class samples: L = MSE(instance) + λ·MSE(class), plus
-``vp.regularization``. AdamW decays no parameter that matches ``train.no_decay`` (as in the classification
-recipes: biases, norms and every 1-D tensor, such as SVD's singular values and SaRA's selected weights, which start
-at the pretrained values); the learning rate warms up linearly from 0 over ``warmup_steps`` (diffusers'
-convention), then stays constant or follows a cosine to 0. The output folder gets ``adapter/`` (``vp.save`` of the
-UNet, ``adapter/text_encoder/`` when the text encoder trains; the folder is replaced as a whole), ``validation/
-step_<N>.png`` grids, ``metrics.csv``, ``summary.json`` and ``recipe.json``.
+Training follows diffusers' DreamBooth LoRA scripts for each pipeline (``visionpeft.training.conditioning``: prompt
+states, SDXL's time ids, FLUX's packing and guidance; ``visionpeft.training.objectives``: DDPM ε/v with min-SNR and
+offset noise, or flow matching with its weighting schemes). Latents come from the frozen VAE (or its cache), and
+with prior preservation each batch holds instance and class samples: L = MSE(instance) + λ·MSE(class), each sample's
+squared error times its loss weight, plus ``vp.regularization``. AdamW decays no parameter that matches
+``train.no_decay`` (as in the classification recipes: biases, norms and every 1-D tensor, such as SVD's singular
+values and SaRA's selected weights, which start at the pretrained values); the learning rate warms up linearly from
+0 over ``warmup_steps`` (diffusers' convention), then stays constant or follows a cosine to 0. The output folder gets
+``adapter/`` (``vp.save`` of the denoiser, ``adapter/<text encoder component>/`` for each adapted text encoder; the
+folder is replaced as a whole), ``validation/step_<N>.png`` grids, ``metrics.csv``, ``summary.json`` and
+``recipe.json``.
 """
 from __future__ import annotations
 
@@ -40,7 +47,8 @@ from visionpeft.training.outputs import write_csv, write_json
 from visionpeft.training.recipe import (
     ADAPTER_SECTION, NUMBER, REQUIRED, apply_overrides, check_method_options, read_yaml, validate_schema,
 )
-from visionpeft.models.pipelines import PREDICTION_TYPES
+from visionpeft.training import objectives
+from visionpeft.training.objectives import check_prediction_type, diffusion_target, noisy_sample  # noqa: F401
 from visionpeft.training.recipe import SCHEMA as CLASSIFICATION_SCHEMA
 
 TASK = "dreambooth"
@@ -57,6 +65,7 @@ SCHEMA: dict[str, Any] = {
         "method": ((str, NULL), None),
         "options": ((dict,), {}),
         "targets": ((str, list, NULL), None),
+        "components": ((list, NULL), None),
     },
     "data": {
         "instance_dir": ((str,), REQUIRED),
@@ -64,6 +73,10 @@ SCHEMA: dict[str, Any] = {
         "resolution": ((int,), 512),
         "center_crop": ((bool,), True),
         "num_workers": ((int,), 0),
+        "cache_latents": ((bool,), False),
+        "cache_text_embeddings": ((bool,), False),
+        "cache_dir": ((str, NULL), None),
+        "max_sequence_length": ((int, NULL), None),
     },
     "prior": {
         "class_prompt": ((str, NULL), None),
@@ -88,6 +101,7 @@ SCHEMA: dict[str, Any] = {
         "gradient_checkpointing": ((bool,), False),
         "seed": ((int,), 0),
         "device": ((str,), "auto"),
+        **objectives.SCHEMA,
     },
     "validation": {
         "prompts": ((list,), []),
@@ -95,7 +109,7 @@ SCHEMA: dict[str, Any] = {
         "images_per_prompt": ((int,), 2),
         "steps": ((int,), 25),
         "guidance_scale": (NUMBER, 7.5),
-        "sampler": ((str,), "dpmsolver"),
+        "sampler": ((str,), "auto"),
     },
     "output": ((str,), REQUIRED),
 }
@@ -104,7 +118,7 @@ CHOICES = {
     "train.precision": ("no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.schedule": ("constant", "cosine"),
-    "validation.sampler": ("dpmsolver", "pipeline"),
+    "validation.sampler": ("auto", "dpmsolver", "pipeline"),
 }
 POSITIVE = ("data.resolution", "prior.num_class_images", "prior.sample_steps", "prior.sample_batch_size", "train.steps",
             "train.batch_size", "train.grad_accum", "validation.interval",
@@ -144,12 +158,37 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
     for section in ("adapter", "text_encoder"):
         method = recipe[section]["method"]
         if method is None:
-            for key in ("options", "targets"):
-                if recipe[section][key]:
+            for key in ("options", "targets", "components"):
+                if recipe[section].get(key):
                     raise ValueError(f"{source}: {section}.{key}={recipe[section][key]!r} is given without "
                                      f"{section}.method (null: the {section.replace('_', ' ')} is not adapted)")
             continue
         check_method_options(method, recipe[section]["options"], source, section)
+    _check_text_caches_and_objective(recipe, source)
+
+
+def _check_text_caches_and_objective(recipe: dict[str, Any], source: str) -> None:
+    from visionpeft.models.pipeline_adapters import TEXT_ENCODER_FOLDERS
+
+    text, data = recipe["text_encoder"], recipe["data"]
+    components = text["components"]
+    if components is not None:
+        bad = [c for c in components if c not in TEXT_ENCODER_FOLDERS]
+        if not components or bad or len(set(components)) != len(components):
+            raise ValueError(f"{source}: text_encoder.components={components!r} must be a non-empty list of distinct "
+                             f"text encoder components: {', '.join(TEXT_ENCODER_FOLDERS)} (or null: the pipeline's "
+                             f"CLIP encoders)")
+    if data["cache_text_embeddings"] and text["method"] is not None:
+        raise ValueError(f"{source}: data.cache_text_embeddings=true with text_encoder.method={text['method']!r}: "
+                         f"an adapted text encoder changes its prompt states every step; cache them only with frozen "
+                         f"text encoders (text_encoder.method: null)")
+    if data["max_sequence_length"] is not None and data["max_sequence_length"] < 1:
+        raise ValueError(f"{source}: data.max_sequence_length={data['max_sequence_length']!r} must be >= 1, or null")
+    if recipe["train"]["weighting_scheme"] is not None:
+        try:
+            objectives.check_weighting_scheme(recipe["train"]["weighting_scheme"])
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def _check_prior(prior: dict[str, Any], source: str) -> None:
@@ -178,28 +217,23 @@ class LossParts:
     prior: torch.Tensor | None
 
 
-def check_prediction_type(scheduler) -> str:
-    kind = scheduler.config.prediction_type
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type {kind!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}")
-    return kind
-
-
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict, as the scheduler config says: the noise ε, or the velocity v."""
-    if check_prediction_type(scheduler) == "epsilon":
-        return noise
-    return scheduler.get_velocity(latents, noise, timesteps)
-
-
-def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> LossParts:
-    """MSE on the first ``num_instance`` samples, plus ``prior_weight`` × MSE on the rest (the class samples)."""
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float,
+                    weights: torch.Tensor | None = None) -> LossParts:
+    """MSE on the first ``num_instance`` samples, plus ``prior_weight`` × MSE on the rest (the class samples).
+    ``weights``: a loss weight per sample (min-SNR, a flow-matching scheme), multiplying its mean squared error."""
     if not 0 < num_instance <= prediction.shape[0]:
         raise ValueError(f"num_instance={num_instance} must be in 1..{prediction.shape[0]} (the batch size)")
-    instance = F.mse_loss(prediction[:num_instance].float(), target[:num_instance].float())
+    if weights is None:
+        errors = None
+    else:
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        errors = per_sample * weights.float().reshape(-1)
+    instance = (F.mse_loss(prediction[:num_instance].float(), target[:num_instance].float()) if errors is None
+                else errors[:num_instance].mean())
     if num_instance == prediction.shape[0]:
         return LossParts(instance, instance, None)
-    prior = F.mse_loss(prediction[num_instance:].float(), target[num_instance:].float())
+    prior = (F.mse_loss(prediction[num_instance:].float(), target[num_instance:].float()) if errors is None
+             else errors[num_instance:].mean())
     return LossParts(instance + prior_weight * prior, instance, prior)
 
 
@@ -222,14 +256,6 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0]
-
-
-def noisy_sample(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None):
-    """(noisy latents, noise, timesteps) of DDPM's forward process at uniformly drawn timesteps."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                              generator=generator).long()
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -257,18 +283,42 @@ def optimizer_groups(models: list, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return [group for model in models for group in param_groups(model, cfg["weight_decay"], cfg["no_decay"])]
 
 
+def text_components(pipeline, recipe: dict[str, Any]) -> list[str]:
+    """The text encoders the recipe adapts: ``text_encoder.components``, or the pipeline's CLIP encoders; none when
+    ``text_encoder.method`` is null. A component the pipeline lacks is refused with those it has."""
+    from visionpeft.models.pipeline_kinds import kind_of, text_encoders
+
+    if recipe["text_encoder"]["method"] is None:
+        return []
+    kind = kind_of(pipeline)
+    wanted = recipe["text_encoder"]["components"] or list(kind.default_text_encoders)
+    present = text_encoders(pipeline)
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise ValueError(f"text_encoder.components={wanted!r}: this {kind.pipeline_class} has no {missing[0]!r}; its "
+                         f"text encoders: {', '.join(present)}")
+    return wanted
+
+
 def check_pipeline(pipeline, recipe: dict[str, Any]) -> None:
-    """What the loaded pipeline must allow, checked before any class image is generated: a supported
-    prediction type, and targets that select layers of the UNet (and of the text encoder when it is adapted)."""
+    """What the loaded pipeline must allow, checked before any class image is generated: a supported pipeline class
+    and prediction type, objective options its kind reads, text encoder components it has, and targets that select
+    layers of the denoiser (and of each adapted text encoder)."""
+    from visionpeft.models.pipeline_kinds import denoiser, kind_of
     from visionpeft.targeting import resolve_targets
 
     try:
-        check_prediction_type(_training_scheduler(pipeline))
+        objectives.make_objective(pipeline, recipe["train"])
     except ValueError as err:
         raise ValueError(f"model.pretrained={recipe['model']['pretrained']!r}: {err}") from None
-    for section, model in (("adapter", pipeline.unet), ("text_encoder", pipeline.text_encoder)):
-        if recipe[section]["method"] is None:
-            continue
+    patch = 2 if kind_of(pipeline).name == "flux" else getattr(denoiser(pipeline).config, "patch_size", 1)
+    multiple = pipeline.vae_scale_factor * patch
+    if recipe["data"]["resolution"] % multiple:
+        raise ValueError(f"data.resolution={recipe['data']['resolution']!r} must be a multiple of {multiple} for this "
+                         f"{type(pipeline).__name__} (VAE factor {pipeline.vae_scale_factor} × patch {patch})")
+    models = [("adapter", denoiser(pipeline))] if recipe["adapter"]["method"] else []
+    models += [("text_encoder", getattr(pipeline, c)) for c in text_components(pipeline, recipe)]
+    for section, model in models:
         try:
             resolve_targets(model, recipe[section]["targets"])
         except ValueError as err:
@@ -290,7 +340,7 @@ def enable_text_checkpointing(text_encoder) -> None:
         text_encoder.enable_input_require_grads()
 
 
-def _validation_grid(pipeline, cfg: dict[str, Any], seed: int, path: Path, models, accelerator) -> Path:
+def _validation_grid(pipeline, cfg: dict[str, Any], seed: int, path: Path, models, accelerator, size: int) -> Path:
     from visionpeft.models.pipelines import generate, image_grid, save_image
 
     modes = [m.training for m in models]
@@ -300,7 +350,7 @@ def _validation_grid(pipeline, cfg: dict[str, Any], seed: int, path: Path, model
         # under mixed precision accelerate makes the UNet return float32; autocast keeps the half-precision VAE fed
         with accelerator.autocast():
             images = generate(pipeline, cfg["prompts"], images_per_prompt=cfg["images_per_prompt"], steps=cfg["steps"],
-                              guidance_scale=cfg["guidance_scale"], seed=seed, sampler=cfg["sampler"])
+                              guidance_scale=cfg["guidance_scale"], seed=seed, sampler=cfg["sampler"], size=size)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
@@ -313,7 +363,10 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     import visionpeft as vp
+    from visionpeft.models.pipeline_kinds import denoiser as pipeline_denoiser, kind_of, text_encoders
     from visionpeft.models.pipelines import load_pipeline, save_pipeline_adapter
+    from visionpeft.training.caching import batch_latents, latent_dataset, text_embeddings
+    from visionpeft.training.conditioning import conditioning_for, rows
     from visionpeft.training.dreambooth_data import DreamBoothImages, ensure_class_images, list_images
     from visionpeft.training.runner import make_accelerator, peak_memory_mb
 
@@ -332,8 +385,11 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                              variant=recipe["model"]["variant"])
     pipeline.to(accelerator.device)
     check_pipeline(pipeline, recipe)
-    unet, vae, text_encoder, tokenizer = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
-    noise_scheduler = _training_scheduler(pipeline)
+    kind = kind_of(pipeline)
+    denoiser, vae, encoders = pipeline_denoiser(pipeline), pipeline.vae, text_encoders(pipeline)
+    objective = objectives.make_objective(pipeline, cfg)
+    conditioning = conditioning_for(pipeline, max_sequence_length=data["max_sequence_length"],
+                                    guidance_scale=objectives.guidance_scale(pipeline, cfg))
 
     class_images = None
     if prior["class_prompt"]:
@@ -346,34 +402,45 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         class_images = list_images(class_dir, "prior.class_dir")[:prior["num_class_images"]]
 
-    for model in (unet, vae, text_encoder):
+    for model in (denoiser, vae, *encoders.values()):
         model.requires_grad_(False)
-    _attach(unet, recipe["adapter"])  # after the cast: adapters on half-precision bases keep float32 parameters
-    train_text = recipe["text_encoder"]["method"] is not None
-    if train_text:
-        _attach(text_encoder, recipe["text_encoder"])
+    if recipe["adapter"]["method"] is not None:
+        _attach(denoiser, recipe["adapter"])  # after the cast: adapters on half-precision bases keep float32 parameters
+    adapted_text = text_components(pipeline, recipe)
+    for name in adapted_text:
+        _attach(encoders[name], recipe["text_encoder"])
     if cfg["gradient_checkpointing"]:
-        unet.enable_gradient_checkpointing()
-        if train_text:
-            enable_text_checkpointing(text_encoder)
-    trained = [unet] + ([text_encoder] if train_text else [])
+        denoiser.enable_gradient_checkpointing()
+        for name in adapted_text:
+            enable_text_checkpointing(encoders[name])
+    trained = [denoiser] + [encoders[name] for name in adapted_text]
     groups = optimizer_groups(trained, cfg)
     params = [p for group in groups for p in group["params"]]
     trainable = sum(p.numel() for p in params)
 
     dataset = DreamBoothImages(instance_images, data["resolution"], data["center_crop"], class_images)
+    cache_dir = Path(data["cache_dir"] or output / "cache")
+    if data["cache_latents"]:
+        dataset = latent_dataset(dataset, cache_dir, recipe, instance_images, class_images, vae, weight_dtype,
+                                 accelerator)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
                                          num_workers=data["num_workers"])
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     prepared = accelerator.prepare(*trained, optimizer, loader, scheduler)
-    unet_run = prepared[0]
-    text_run = prepared[1] if train_text else text_encoder
+    denoiser_run = prepared[0]
+    encoders_run = dict(encoders) | dict(zip(adapted_text, prepared[1:len(trained)]))
     optimizer, loader, scheduler = prepared[-3:]
 
-    with torch.no_grad():
-        prompts = [data["instance_prompt"]] + ([prior["class_prompt"]] if class_images else [])
-        fixed = None if train_text else encode_prompts(tokenizer, text_encoder, prompts, accelerator.device)
+    prompts = [data["instance_prompt"]] + ([prior["class_prompt"]] if class_images else [])
+    fixed = None
+    if not adapted_text:
+        with torch.no_grad():
+            def encode():
+                return conditioning.encode(prompts, encoders, accelerator.device)
+
+            fixed = encode() if not data["cache_text_embeddings"] else text_embeddings(
+                cache_dir, recipe, prompts, conditioning, encode, accelerator)
 
     history: list[dict[str, Any]] = []
     grids: list[str] = []
@@ -387,16 +454,14 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         model.train()
     while step < total:
         for batch in loader:
-            with accelerator.accumulate(*[unet_run] + ([text_run] if train_text else [])):
-                encoded = fixed if fixed is not None else encode_prompts(tokenizer, text_run, prompts, accelerator.device)
-                pixels, states, n_instance = assemble_batch(batch, encoded)
-                with torch.no_grad():
-                    latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample()
-                    latents = (latents * vae.config.scaling_factor).float()
-                noisy, noise, timesteps = noisy_sample(noise_scheduler, latents)
-                prediction = unet_run(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
-                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-                parts = dreambooth_loss(prediction, target, n_instance, prior["loss_weight"])
+            with accelerator.accumulate(*prepared[:len(trained)]):
+                encoded = fixed if fixed is not None else conditioning.encode(prompts, encoders_run, accelerator.device)
+                latents, extras, n_instance = batch_latents(batch, vae, weight_dtype)
+                cond = {k: v.to(weight_dtype) for k, v in rows(encoded, n_instance, latents.shape[0]).items()}
+                noised = objective.noised(latents)
+                prediction = conditioning.predict(denoiser_run, noised.noisy.to(weight_dtype), noised.timesteps, cond,
+                                                  extras)
+                parts = dreambooth_loss(prediction, noised.target, n_instance, prior["loss_weight"], noised.weights)
                 loss = parts.total + sum(vp.regularization(m) for m in trained)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg["grad_clip"] is not None:
@@ -421,7 +486,7 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
             if val["prompts"] and (step % val["interval"] == 0 or step == total) and accelerator.is_main_process:
                 grid = _validation_grid(pipeline, val, cfg["seed"], output / "validation" / f"step_{step:06d}.png",
-                                        trained, accelerator)
+                                        trained, accelerator, data["resolution"])
                 grids.append(str(grid))
             start = time.perf_counter()
             if step >= total:
@@ -430,16 +495,22 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        save_pipeline_adapter(unet, output / "adapter", text_encoder if train_text else None)
+        save_pipeline_adapter(denoiser, output / "adapter", text_encoders={n: encoders[n] for n in adapted_text})
         write_csv(output / "metrics.csv", history, ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"])
         summary = {
             "task": TASK,
+            "pipeline": kind.pipeline_class,
             "method": recipe["adapter"]["method"],
             "text_encoder_method": recipe["text_encoder"]["method"],
-            "prediction_type": noise_scheduler.config.prediction_type,
+            "text_encoders": adapted_text,
+            "objective": objective.kind,
+            "prediction_type": getattr(objective, "prediction_type", "flow_matching"),
+            "weighting_scheme": getattr(objective, "weighting_scheme", None),
             "prior_preservation": class_images is not None,
             "class_images": len(class_images or []),
             "instance_images": len(instance_images),
+            "cached_latents": data["cache_latents"],
+            "cached_text_embeddings": fixed is not None and data["cache_text_embeddings"],
             "trainable_parameters": trainable,
             "steps": step,
             "first_loss": history[0]["loss"] if history else None,
@@ -453,13 +524,6 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         write_json(output / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
-
-
-def _training_scheduler(pipeline):
-    """DDPM with the pipeline's noise schedule and prediction type (the pipeline may ship another sampler)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipeline.scheduler.config)
 
 
 def _record(step: int, window: list[LossParts], lr: float, seconds: float) -> dict[str, Any]:
