@@ -206,6 +206,7 @@ def test_latent_and_text_caches_are_reused_and_refused_for_another_prompt(folder
     cache = str(tmp_path / "cache")
     base = recipe_for("sd3", folders["sd3"], instance_dir, tmp_path / "a",
                       data={"cache_latents": True, "cache_text_embeddings": True, "cache_dir": cache},
+                      prior={"class_dir": str(tmp_path / "class")},
                       train={"steps": 1}, validation={"prompts": []})
     base["text_encoder"] = {"method": None}
     dreambooth.train(dreambooth.validate(base), progress=False)

@@ -130,7 +130,7 @@ def cast_pipeline(pipeline, dtype: torch.dtype):
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} must be a torch.dtype such as torch.float16")
     for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
+        if isinstance(component, torch.nn.Module) and any(p.dtype != dtype for p in component.parameters()):
             component.to(dtype=dtype)
     return pipeline
 
