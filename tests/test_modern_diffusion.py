@@ -3,6 +3,7 @@ end (train, save, reload, export, diffusers' loader), and the errors for what a 
 import copy
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from visionpeft.training.flow_matching import FlowMatching
 from visionpeft.training.objectives import min_snr_weights
 
 pytest.importorskip("peft")
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "dreambooth"
 KINDS = ("sdxl", "sd3", "flux")
 DENOISER_TARGETS = {"sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
                     "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
@@ -325,3 +327,17 @@ def test_generate_writes_images_and_a_grid(folders, tmp_path, kind, capsys):
     if kind != "sdxl":
         assert cli.main(args + ["--sampler", "dpmsolver"]) == 2
         assert "sampler 'dpmsolver' is for ε/v pipelines" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_recipes_validate_and_their_targets_select_layers_of_the_pipeline(pipelines, kind):
+    from visionpeft.targeting import resolve_targets
+
+    for method in ("lora", "flora", "sara"):
+        recipe = dreambooth.load_recipe(RECIPES / f"{kind}_{method}.yaml")
+        assert recipe["adapter"]["method"] == method and recipe["data"]["cache_latents"]
+        layers = resolve_targets(denoiser(pipelines[kind]), recipe["adapter"]["targets"])
+        assert layers and all(t.name.endswith(tuple(recipe["adapter"]["targets"])) for t in layers)
+        objectives_given = {k for k in ("snr_gamma", "weighting_scheme", "guidance_scale") if recipe["train"][k]}
+        assert objectives_given == {"sdxl": {"snr_gamma"}, "sd3": {"weighting_scheme"},
+                                    "flux": {"weighting_scheme", "guidance_scale"}}[kind]
