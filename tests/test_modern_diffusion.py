@@ -341,3 +341,23 @@ def test_shipped_recipes_validate_and_their_targets_select_layers_of_the_pipelin
         objectives_given = {k for k in ("snr_gamma", "weighting_scheme", "guidance_scale") if recipe["train"][k]}
         assert objectives_given == {"sdxl": {"snr_gamma"}, "sd3": {"weighting_scheme"},
                                     "flux": {"weighting_scheme", "guidance_scale"}}[kind]
+
+
+def test_import_of_diffusers_flux_dreambooth_output_keeps_its_alpha(pipelines, tmp_path):
+    """What ``train_dreambooth_lora_flux.py`` saves: PEFT LoRA on the transformer, ``transformer.`` keys and the
+    adapter config as metadata (alpha = 2 × rank here, so the scale is 2)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    peer = copy.deepcopy(pipelines["flux"])
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=DENOISER_TARGETS["flux"])
+    peer.transformer.add_adapter(config)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(peer.transformer),
+                                   transformer_lora_adapter_metadata=config.to_dict())
+    ours = copy.deepcopy(pipelines["flux"])
+    assert import_lora(tmp_path / "pytorch_lora_weights.safetensors", ours) == {"transformer": ["default"]}
+    layer = dict(ours.transformer.named_modules())["transformer_blocks.0.attn.to_q"]
+    assert layer.vp_adapters["default"]["weight"].scale == pytest.approx(2.0)
+    assert_differs(outputs(ours), outputs(pipelines["flux"]))
+    assert_close(outputs(ours), outputs(peer))
