@@ -127,9 +127,9 @@ def tiny_stable_diffusion_3(*, image_size: int = 32, seed: int = 0, text_width: 
             caption_projection_dim=heads * head_width, pooled_projection_dim=2 * text_width,
             pos_embed_max_size=image_size // 2)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return _evaluating(StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3))
+    return _evaluating(StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3))
 
 
 def flux_transformer(*, width: int = 32, heads: int = 2, double_layers: int = 1, single_layers: int = 1,
