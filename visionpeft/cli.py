@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from visionpeft.models.pipelines import apply_adapter, generate, load_pipeline, save_image
+    from visionpeft.models.pipelines import apply_adapter, generate, image_grid, load_pipeline, save_image
 
     pipeline = load_pipeline(args.pipeline, dtype=getattr(torch, args.dtype))
     if args.device:
@@ -96,11 +96,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--merge and --scale apply to an adapter; give --adapter DIR")
     images = generate(pipeline, args.prompt, images_per_prompt=args.num_images, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, size=args.size, batch_size=args.batch_size,
-                      sampler=args.sampler)
+                      sampler=args.sampler, progress=not args.quiet)
     out = Path(args.out)
     for i, image in enumerate(images):
         prompt_index, image_index = divmod(i, args.num_images)
         print(save_image(image, out / f"prompt{prompt_index:02d}_{image_index:02d}.png"))
+    print(save_image(image_grid(images, columns=args.num_images), out / "grid.png"))  # a row per prompt
     return 0
 
 
@@ -136,20 +137,24 @@ def main(argv: list[str] | None = None) -> int:
                        help="task names (key=value words among them are overrides)")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(run=_sweep)
-    gen = commands.add_parser("generate", help="sample images from a Stable Diffusion pipeline with a saved adapter")
+    gen = commands.add_parser("generate", help="sample images from an SD, SDXL, SD3 or FLUX pipeline with a saved adapter")
     gen.add_argument("--pipeline", required=True, help="local pipeline directory or hub id")
-    gen.add_argument("--adapter", help="a saved adapter directory (vp.save; text_encoder/ inside when trained)")
+    gen.add_argument("--adapter", help="a saved pipeline adapter directory (vp.save of the denoiser; text_encoder/, "
+                     "text_encoder_2/, ... inside when text encoders were trained)")
     gen.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
     gen.add_argument("--scale", type=float, default=1.0, help="adapter strength; other than 1 it is applied by merging")
     gen.add_argument("--merge", action="store_true", help="fold the adapter into the weights before sampling")
-    gen.add_argument("--out", default="generated", help="output folder (prompt<P>_<I>.png)")
+    gen.add_argument("--out", default="generated", help="output folder (prompt<P>_<I>.png and grid.png)")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--steps", type=int, default=25, help="sampling steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance-scale", type=float, default=7.5,
+                     help="classifier-free guidance (FLUX: the guidance its transformer embeds, e.g. 3.5)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     gen.add_argument("--batch-size", type=int, default=4)
-    gen.add_argument("--sampler", choices=("dpmsolver", "pipeline"), default="dpmsolver")
+    gen.add_argument("--sampler", choices=("auto", "dpmsolver", "pipeline"), default="auto",
+                     help="auto: DPM-Solver++ for SD and SDXL, the pipeline's flow-matching scheduler for SD3 and FLUX")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--device", default=None, help="e.g. cuda (default: where the pipeline loads)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="weights of the pipeline (adapters keep float32 parameters)")
