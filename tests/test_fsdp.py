@@ -5,6 +5,8 @@ Two spawns of 2 processes run every method: the first trains ``STEPS`` steps wit
 step ``SAVED_AT`` and at the end (and a save whose gather fails); the second, in fresh processes, loads the step
 ``SAVED_AT`` adapter before sharding and trains the remaining steps. Plain SGD keeps no optimizer state, so the
 adapter is the whole training state: SaRA's frozen entries and SNELLA's budgets (re-allocated at step 2) included.
+In float64: SNELLA's allocation rounds per-layer shares of the budget down to whole entries, and float32 round-off
+between one full batch and two averaged halves can move an entry across that boundary.
 """
 from __future__ import annotations
 
@@ -40,12 +42,12 @@ def tiny_vit():
 
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=4)
+                             depth=2, num_heads=2, num_classes=4).double()
 
 
 def batch(step: int):
     g = torch.Generator().manual_seed(step)
-    return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 4, (BATCH,), generator=g)
+    return torch.randn(BATCH, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (BATCH,), generator=g)
 
 
 def train(model, first: int, last: int, rank: int = 0, world: int = 1, save_at: dict | None = None) -> list[float]:
