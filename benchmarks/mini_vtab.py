@@ -351,6 +351,7 @@ def plot_per_parameter(args, accuracy: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     top1, trainable = accuracy["top1"], accuracy["trainable"]
     fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 4.2), squeeze=False)
@@ -361,6 +362,7 @@ def plot_per_parameter(args, accuracy: dict, path: Path) -> None:
             ax.scatter([count], [average], s=18)
             ax.annotate(method, (count, average), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xscale="log", xlabel="trainable parameters", ylabel="average top-1 (%)", title=f"tiny {backbone}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
         ax.grid(alpha=0.3)
     fig.suptitle("mini VTAB-1k: average test top-1 against trainable parameters")
     fig.tight_layout()
