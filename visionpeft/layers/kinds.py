@@ -380,9 +380,9 @@ class ParametersKind(LayerKind):
 
 PARAMETERS_KIND = ParametersKind()
 
-from visionpeft.layers.quantized import QUANTIZED_KINDS  # noqa: E402  (built on the classes above)
+from visionpeft.layers.quantized_storages import QUANTIZED_KINDS  # noqa: E402  (built on the classes above)
 
-#: most specific first: a quantized linear (layers/quantized.py) is an nn.Linear too
+#: most specific first: a quantized linear (layers/quantized_storages.py) is an nn.Linear too
 KINDS: tuple[LayerKind, ...] = (*QUANTIZED_KINDS, LinearKind(), ConvKind(), TransposedLinearKind(), MultiheadAttentionKind(), WeightKind())
 
 
