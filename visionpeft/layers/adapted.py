@@ -31,6 +31,20 @@ def _fused(blocks: list[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
+class _MergedGuard(torch.autograd.Function):
+    """Passes a layer's output through; backward through a layer whose trainable adapters are merged raises."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, names: list[str], *params: torch.Tensor) -> torch.Tensor:
+        ctx.names = names
+        return out.clone()  # not a view: the host may change the output in place
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"backward through merged adapter(s) {ctx.names}: they are folded into the weights and "
+                           f"cannot train; call vp.unmerge(model) before training (or freeze them)")
+
+
 class AdaptedLayer:
     """Mixin placed before the host's class in the MRO of ``Adapted<Class>``."""
 
@@ -54,7 +68,12 @@ class AdaptedLayer:
         if self._vp_disabled:
             return self._vp_base_class.forward(self, *args, **kwargs)
         names = [name for name in self.vp_adapters if name not in self._vp_merged and name not in self._vp_inactive]
-        return self.vp_forward(args, kwargs, names)
+        out = self.vp_forward(args, kwargs, names)
+        if self._vp_merged and torch.is_grad_enabled() and isinstance(out, torch.Tensor):
+            merged = [p for name in self._vp_merged for p in self.vp_adapters[name].parameters() if p.requires_grad]
+            if merged:  # their gradient would be silently lost: say so at backward
+                out = _MergedGuard.apply(out, sorted(self._vp_merged), *merged)
+        return out
 
     def vp_forward(self, args: tuple, kwargs: dict, names: list[str]) -> Any:
         """The forward with exactly the (unmerged) adapters ``names`` applied."""
