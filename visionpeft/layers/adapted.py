@@ -25,6 +25,8 @@ _CLASS_CACHE: dict[type, type] = {}
 def _fused(blocks: list[torch.Tensor]) -> torch.Tensor:
     """The blocks' effective weights concatenated; rebuilt in backward when every block can be."""
     fused = torch.cat(blocks, dim=0)
+    if torch.compiler.is_compiling():  # nothing is rebuilt in a compiled graph (layers.kinds.rebuildable)
+        return fused
     rebuilds = [getattr(block, REBUILD_ATTR, None) for block in blocks]
     if all(rebuilds):
         setattr(fused, REBUILD_ATTR, lambda: torch.cat([rebuild() for rebuild in rebuilds], dim=0))

@@ -152,27 +152,29 @@ def apply_adapter(model: nn.Module, adapter: dict[str, Any]) -> nn.Module:
 
 def attach_peft_lora(model: nn.Module, adapter: dict[str, Any]) -> nn.Module:
     """Hugging Face PEFT's LoRA as an outside peer, on exactly the layers visionpeft's LoRA would adapt
-    (``adapter.targets`` resolved by visionpeft, family preset included)."""
+    (``adapter.targets`` resolved by visionpeft, family preset included); with ``options.use_dora``, PEFT's DoRA
+    (LoRA's factors and a trained magnitude per output channel) on those layers."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ImportError("adapter.method='peft-lora' needs Hugging Face PEFT: pip install peft") from None
     from visionpeft.targeting import resolve_targets
 
-    options = {"rank": 8, "alpha": None, "dropout": 0.0} | adapter["options"]
+    options = {"rank": 8, "alpha": None, "dropout": 0.0, "use_dora": False} | adapter["options"]
+    label = "peft-dora" if options["use_dora"] else "peft-lora"
     targets = resolve_targets(model, adapter["targets"])
     # PEFT adapts a grouped conv only when the rank is divisible by its groups (depthwise convs never, at small
     # ranks); those layers stay frozen in this baseline, and the run says so
     unsupported = [t.name for t in targets if getattr(t.module, "groups", 1) > 1 and options["rank"] % t.module.groups]
     if unsupported:
-        warnings.warn(f"peft-lora: PEFT cannot adapt {len(unsupported)} grouped conv(s) at rank {options['rank']} "
+        warnings.warn(f"{label}: PEFT cannot adapt {len(unsupported)} grouped conv(s) at rank {options['rank']} "
                       f"(e.g. {unsupported[0]!r}); they stay frozen in this baseline")
     names = [t.name for t in targets if t.name not in unsupported]
     config = LoraConfig(r=options["rank"], lora_alpha=options["alpha"] or options["rank"],
-                        lora_dropout=options["dropout"], target_modules=names)
+                        lora_dropout=options["dropout"], target_modules=names, use_dora=bool(options["use_dora"]))
     model = inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_("lora_" in name)  # lora_A, lora_B and DoRA's lora_magnitude_vector
     return model
 
 

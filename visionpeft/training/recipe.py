@@ -106,8 +106,9 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
 }
 BASELINES = ("full", "linear", "peft-lora")
-#: options of the baselines that take any: Hugging Face PEFT's LoRA, the outside peer
-BASELINE_OPTIONS = {"peft-lora": {"rank": (int,), "alpha": (int, float, type(None)), "dropout": (int, float)}}
+#: options of the baselines that take any: Hugging Face PEFT's LoRA, the outside peer (``use_dora``: PEFT's DoRA)
+BASELINE_OPTIONS = {"peft-lora": {"rank": (int,), "alpha": (int, float, type(None)), "dropout": (int, float),
+                                  "use_dora": (bool,)}}
 
 
 def _type_names(types: tuple) -> str:
