@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from visionpeft.core import adapted_layers, apply_trainability, discard_adapters, records
+from visionpeft.layers.quantized import requantization_summary
 
 
 def check_names(model: nn.Module, names: Any, what: str) -> list[str]:
@@ -68,12 +69,12 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     for layer in layers:
         if layer._vp_merged:
             slot_names = {s for name in layer._vp_merged for s in layer.vp_adapters[name]}
-            saved.append((layer, dict(layer._vp_merged),
-                          {s: layer._vp_kind.read(layer, s).detach().clone() for s in slot_names}))
+            saved.append((layer, dict(layer._vp_merged), {s: layer._vp_kind.snapshot(layer, s) for s in slot_names},
+                          dict(layer._vp_premerge)))
     before = [(layer, layer._vp_disabled) for layer in layers]
     try:
-        for layer, _, _ in saved:
-            for name in list(layer._vp_merged):
+        for layer, _, _, _ in saved:
+            for name in reversed(list(layer._vp_merged)):  # last merge first: a quantized layer restores exactly
                 layer.vp_unmerge(name)
         for layer in layers:
             layer._vp_disabled = True
@@ -82,10 +83,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for layer, flag in before:
             layer._vp_disabled = flag
         with torch.no_grad():
-            for layer, merged, weights in saved:
+            for layer, merged, weights, premerge in saved:
                 for slot_name, weight in weights.items():
-                    layer._vp_kind.write(layer, slot_name, weight)
-                layer._vp_merged = merged
+                    layer._vp_kind.restore(layer, slot_name, weight)
+                layer._vp_merged, layer._vp_premerge = merged, premerge
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
@@ -132,18 +133,24 @@ def merge(model: nn.Module, scale: Any = 1.0, names: Any = None) -> nn.Module:
     ``names``: which adapters (default: every active, unmerged one, or the keys of ``scale`` when it is a dict);
     ``scale``: a number, or ``{name: strength}`` per adapter (e.g. two SaRA styles at 0.6 each). With scale 1 the
     forward is unchanged. Everything is checked before a weight changes.
+    On a quantized layer the sum is dequantized, added and requantized: lossy, so one ``RequantizationWarning`` gives
+    the number of such layers and the largest max abs error.
     """
     strengths = _strengths(model, scale, names)
-    for _, layer in adapted_layers(model):
-        for name, strength in strengths.items():
-            if name in layer.vp_adapters:
-                layer.vp_merge(name, strength)
+    with requantization_summary(model, "vp.merge"):
+        for _, layer in adapted_layers(model):
+            for name, strength in strengths.items():
+                if name in layer.vp_adapters:
+                    layer.vp_merge(name, strength)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take out exactly what :func:`merge` folded in; the forward is as before the merge."""
-    for _, layer in adapted_layers(model):
-        for name in list(layer._vp_merged):
-            layer.vp_unmerge(name)
+    """Take out exactly what :func:`merge` folded in; the forward is as before the merge. A quantized layer gets back
+    the weight stored before the merge bit for bit when no later merge is still in it (else the subtraction is
+    requantized, lossy, with a ``RequantizationWarning``)."""
+    with requantization_summary(model, "vp.unmerge"):
+        for _, layer in adapted_layers(model):
+            for name in reversed(list(layer._vp_merged)):  # last merge first: a quantized layer restores exactly
+                layer.vp_unmerge(name)
     return model

@@ -15,6 +15,7 @@ from torch import nn
 
 from visionpeft.layers.adapted import AdaptedLayer, adapt, is_adapted, restore
 from visionpeft.layers.kinds import ParametersKind, Slot
+from visionpeft.layers.quantized import quantized_storage, requantization_summary
 from visionpeft.methods.base import Method, get_method, resolve_options
 from visionpeft.targeting import Target, match_module_names, resolve_targets
 
@@ -91,12 +92,51 @@ def _resolve_layer_options(cls: type[Method], resolved: dict[str, Any], targets:
             for layer, overrides in layer_options.items()}
 
 
+def _check_storage(cls: type[Method], resolved: dict[str, Any], targets: list[Target]) -> None:
+    """Refuse, before anything changes, a method that needs exact weights on a quantized layer, and any weight that
+    a kind would read as its raw (quantized) storage."""
+    for target in targets:
+        if not target.kind.exact_weight:
+            try:
+                target.kind.check(target.module)
+            except ValueError as err:
+                raise ValueError(f"{cls.name} cannot adapt {target.name}: {err}") from None
+            reason = cls.refuses_quantized(resolved)
+            if reason:
+                raise ValueError(f"{cls.name} cannot adapt {target.name}: it is a quantized layer ({target.kind.name}) "
+                                 f"and {cls.name} {reason}; methods that work on quantized layers: "
+                                 f"{', '.join(quantized_methods())}")
+            continue
+        for slot_name in target.slots:
+            owner, attr = target.kind.parameter(target.module, slot_name)
+            storage = quantized_storage(owner._parameters.get(attr))
+            if storage is not None:
+                raise ValueError(f"{cls.name} cannot adapt {target.name}:{slot_name}: its weight is {storage} storage, "
+                                 f"which the {target.kind.name} kind would read as raw codes; target the quantized linear "
+                                 f"layers themselves (bitsandbytes Linear4bit / Linear8bitLt, torchao Int8Tensor linears)")
+
+
+def quantized_methods() -> list[str]:
+    """The registered methods that adapt quantized layers with their default options."""
+    from visionpeft.methods.base import _REGISTRY
+
+    found = []
+    for name, cls in sorted(_REGISTRY.items()):
+        try:
+            if not cls.refuses_quantized(resolve_options(cls, {})):
+                found.append(name)
+        except ValueError:
+            continue
+    return found
+
+
 def plan(model: nn.Module, method: str, targets: list[Target], name: str, unfreeze: list[str],
          options: dict[str, Any], layer_options: dict[str, dict[str, Any]] | None = None) -> Plan:
     cls = get_method(method)
     resolved = resolve_options(cls, options)
     overrides = _resolve_layer_options(cls, resolved, targets, layer_options)
     _check_name(model, name, targets)
+    _check_storage(cls, resolved, targets)
     entries: list[tuple[str, str, Slot, torch.Tensor, int | None]] = []
     slots: dict[str, dict[str, Slot]] = {}
     for target in targets:
@@ -216,14 +256,16 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
     weights; ``merge=False`` restores the original model (merged adapters are taken out again).
     Trainability flags are restored as they were before the first attach.
     """
-    for _, layer in list(adapted_layers(model)):
-        for adapter in layer.vp_adapters:
-            merged = adapter in layer._vp_merged
-            if merge and not merged and adapter not in layer._vp_inactive:
-                layer.vp_merge(adapter, 1.0)
-            elif not merge and merged:
-                layer.vp_unmerge(adapter)
-        restore(layer)
+    with requantization_summary(model, "vp.detach"):
+        for _, layer in list(adapted_layers(model)):
+            if merge:
+                for adapter in layer.vp_adapters:
+                    if adapter not in layer._vp_merged and adapter not in layer._vp_inactive:
+                        layer.vp_merge(adapter, 1.0)
+            else:
+                for adapter in reversed(list(layer._vp_merged)):  # last merge first: a quantized layer restores exactly
+                    layer.vp_unmerge(adapter)
+            restore(layer)
     trainable = model.__dict__.pop(TRAINABLE_BEFORE_ATTR, None)
     if trainable is not None:
         for param_name, param in model.named_parameters():

@@ -54,6 +54,8 @@ class AdaptedLayer:
     _vp_kind: LayerKind
     _vp_slots: dict[str, Slot]
     _vp_merged: dict[str, float]
+    #: per merged adapter, the stored weights from before its merge (kinds whose writes are lossy)
+    _vp_premerge: dict[str, dict[str, Any]]
     #: adapters that stay attached but neither contribute nor train (``vp.set_active``)
     _vp_inactive: frozenset = frozenset()
     #: inside ``vp.disabled``: the base op alone
@@ -141,15 +143,23 @@ class AdaptedLayer:
         return methods.delta().float()
 
     def vp_merge(self, adapter: str, scale: float) -> None:
+        if not self._vp_kind.exact_weight:  # a write requantizes: keep the stored weight, to unmerge exactly
+            self._vp_premerge[adapter] = {s: self._vp_kind.snapshot(self, s) for s in self.vp_adapters[adapter]}
         self._vp_fold(adapter, scale, merge=True)
         self._vp_merged[adapter] = scale
 
     def vp_unmerge(self, adapter: str) -> None:
+        later = list(self._vp_merged)[list(self._vp_merged).index(adapter) + 1:]
         scale = self._vp_merged.pop(adapter)
-        self._vp_fold(adapter, scale, merge=False)
+        stored = self._vp_premerge.pop(adapter, None)
+        for name in later:  # their stored weights hold this adapter's merge
+            self._vp_premerge.pop(name, None)
+        self._vp_fold(adapter, scale, merge=False, stored=None if later else stored)
 
     @torch.no_grad()
-    def _vp_fold(self, adapter: str, scale: float, merge: bool) -> None:
+    def _vp_fold(self, adapter: str, scale: float, merge: bool, stored: dict | None = None) -> None:
+        """Add (merge) or subtract the adapter's scaled ΔW; ``stored``: the weights as stored before the merge (a
+        quantized kind's snapshot), put back as they were instead of subtracting and requantizing."""
         for slot_name, methods in self.vp_adapters[adapter].items():
             weight = self._vp_kind.read(self, slot_name)
             if getattr(methods, "reads_base", False):  # ΔW depends on W0: the method inverts its own merge
@@ -158,10 +168,13 @@ class AdaptedLayer:
                 if bias_at is not None and hasattr(methods, "folded_bias"):  # α-LoRA's scaled bias
                     bias = getattr(*bias_at)
                     bias.copy_(methods.folded_bias(bias, self._vp_slots[slot_name], scale, merge))
-            else:
+            elif stored is None:
                 delta = self.vp_delta(adapter, slot_name).to(weight.device)
                 folded = weight.float() + (scale if merge else -scale) * delta
-            self._vp_kind.write(self, slot_name, folded.to(weight.dtype))
+            if stored is not None:
+                self._vp_kind.restore(self, slot_name, stored[slot_name])
+            else:
+                self._vp_kind.write(self, slot_name, folded.to(weight.dtype))
 
     def vp_set_inactive(self, names) -> None:
         self._vp_inactive = frozenset(names)
@@ -203,6 +216,7 @@ def adapt(module: nn.Module, kind: LayerKind, slots: dict[str, Slot]) -> Adapted
         module._vp_kind = kind
         module._vp_slots = dict(slots)
         module._vp_merged = {}
+        module._vp_premerge = {}
         module.add_module(ADAPTERS_ATTR, nn.ModuleDict())
     else:
         module._vp_slots.update(slots)
@@ -213,7 +227,7 @@ def restore(module: AdaptedLayer) -> nn.Module:
     """Back to the original class, with no adapters; the weights are left as they are."""
     base = module._vp_base_class
     del module._modules[ADAPTERS_ATTR]
-    for attr in ("_vp_kind", "_vp_slots", "_vp_merged", "_vp_inactive", "_vp_disabled", "_vp_route"):
+    for attr in ("_vp_kind", "_vp_slots", "_vp_merged", "_vp_premerge", "_vp_inactive", "_vp_disabled", "_vp_route"):
         module.__dict__.pop(attr, None)
     module.__class__ = base
     return module

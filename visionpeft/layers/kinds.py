@@ -97,6 +97,9 @@ def swapped_parameters(pairs: list[tuple[nn.Module, str, torch.Tensor]]) -> Iter
 
 #: attribute of a computed weight holding a function that rebuilds it (see :func:`rebuilt_on_backward`)
 REBUILD_ATTR = "_vp_rebuild"
+#: attribute of a weight that a read built afresh (a dequantized quantized weight): what it was built from, so that a
+#: cache keyed on the weight (DoRA's base norms) recognises a re-read of the same stored weight
+WEIGHT_SOURCE_ATTR = "_vp_source"
 
 
 def rebuildable(effective: torch.Tensor, weight: torch.Tensor, rebuild: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -157,6 +160,9 @@ class LayerKind:
     name = "layer"
     #: the op takes one input tensor (first positional argument) that activation paths may use
     single_input = False
+    #: reads give the stored weight exactly and writes store it exactly (False for quantized storage: reads
+    #: dequantize, writes requantize; methods that need exact values refuse such layers)
+    exact_weight = True
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -195,6 +201,13 @@ class LayerKind:
 
     def to_storage(self, canonical: torch.Tensor) -> torch.Tensor:
         return canonical
+
+    def snapshot(self, module: nn.Module, slot: str) -> Any:
+        """What :meth:`restore` needs to put the slot's weight back bit for bit."""
+        return self.read(module, slot).detach().clone()
+
+    def restore(self, module: nn.Module, slot: str, snapshot: Any) -> None:
+        self.write(module, slot, snapshot)
 
 
 class LinearKind(LayerKind):
@@ -372,8 +385,10 @@ class ParametersKind(LayerKind):
 
 PARAMETERS_KIND = ParametersKind()
 
-#: most specific first
-KINDS: tuple[LayerKind, ...] = (LinearKind(), ConvKind(), TransposedLinearKind(), MultiheadAttentionKind(), WeightKind())
+from visionpeft.layers.quantized_storages import QUANTIZED_KINDS  # noqa: E402  (built on the classes above)
+
+#: most specific first: a quantized linear (layers/quantized_storages.py) is an nn.Linear too
+KINDS: tuple[LayerKind, ...] = (*QUANTIZED_KINDS, LinearKind(), ConvKind(), TransposedLinearKind(), MultiheadAttentionKind(), WeightKind())
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

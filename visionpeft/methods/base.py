@@ -128,6 +128,12 @@ class Method(nn.Module):
         return [dict(options) for _ in slots]
 
     @classmethod
+    def refuses_quantized(cls, options: dict[str, Any]) -> str:
+        """Why this method, with these (resolved) options, cannot adapt a weight stored quantized (reads dequantize,
+        writes requantize: no exact values); empty when it can. Asked at attach, before anything changes."""
+        return ""
+
+    @classmethod
     def trains_bias(cls, options: dict[str, Any]) -> bool:
         """Whether the targeted layers' biases train with this adapter (and are saved with it)."""
         return False

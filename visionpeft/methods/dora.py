@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visionpeft.layers.kinds import Slot
+from visionpeft.layers.kinds import WEIGHT_SOURCE_ATTR, Slot
 from visionpeft.methods.base import adapter_dtype, register
 from visionpeft.methods.decomposed import NormalizedLowRank, apply_gain, base_times, row_norms_squared
 
@@ -51,6 +51,9 @@ class DoRA(NormalizedLowRank):
 
     @staticmethod
     def _identity(weight: torch.Tensor) -> tuple:
+        source = getattr(weight, WEIGHT_SOURCE_ATTR, None)  # a dequantized weight: the stored tensors it came from
+        if source is not None:
+            return source, weight.dtype, tuple(weight.shape)
         return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
 
     def _base_norms_squared(self, weight: torch.Tensor, layer_weight: bool) -> torch.Tensor:

@@ -165,6 +165,11 @@ class SaRA(Method):
         self.rank_eligible = len(slot.shape) == 2 and min(slot.shape) > _RANK_MIN_SIZE
         self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def refuses_quantized(cls, options):
+        return ("trains chosen entries of the weight in place (W0 + scatter(values - original)), and a quantized weight "
+                "has no exact entries to train or to merge into")
+
     # --- selection ---------------------------------------------------------------------------
     @classmethod
     def prepare(cls, slots, options):

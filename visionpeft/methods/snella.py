@@ -154,6 +154,13 @@ class SNELLA(Method):
                 self.register_buffer(name, torch.zeros_like(self.out_pieces), persistent=False)
 
     @classmethod
+    def refuses_quantized(cls, options):
+        if options["path"] == "weight" and not options["dropout"]:
+            return ("runs the layer with the dense W + ΔW on path='weight' (a quantized weight would be dequantized "
+                    "every step and kept for backward); path='activation' adds x·ΔWᵀ beside the quantized kernel")
+        return ""
+
+    @classmethod
     def prepare(cls, slots, options):
         if cls.allocates:
             cls._check_schedule(options)

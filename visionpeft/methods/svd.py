@@ -145,6 +145,11 @@ class SVD(Method):
         self.path = path
 
     @classmethod
+    def refuses_quantized(cls, options):
+        return ("decomposes the weight by SVD, and a quantized weight is not read exactly: its singular basis would "
+                "be that of the dequantized weight, and change with every requantization")
+
+    @classmethod
     def prepare(cls, slots, options):
         per_slot = []
         for label, slot, weight in slots:
