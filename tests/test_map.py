@@ -149,3 +149,17 @@ def test_beta_init_must_be_finite_and_positive(value):
     with pytest.raises(ValueError, match=f"beta_init={value!r}"):
         vp.attach(model, "map", targets=["layer"], beta_init=value)
     assert type(model.layer) is nn.Linear
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-2])
+@pytest.mark.parametrize("beta_init", [1.0, 0.01])
+def test_the_first_adamw_step_moves_the_weight_by_beta_init_whatever_the_lr(lr, beta_init):
+    torch.manual_seed(0)
+    base = Wrap(nn.Linear(8, 4))
+    model = vp.attach(copy.deepcopy(base), "map", targets=["layer"], rank=2, beta_init=beta_init)
+    method = method_of(model)
+    optimizer = torch.optim.AdamW([method.lora_A, method.lora_B], lr=lr)
+    F.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 4)).backward()
+    optimizer.step()
+    weight = base.layer.weight
+    assert max_rel(method.delta(weight).norm(), torch.tensor(beta_init)) < 1e-4
