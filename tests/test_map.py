@@ -125,3 +125,41 @@ def test_command_line_lists_dora_and_map_with_their_options(capsys):
         start = lines.index(name) + 1
         block = lines[start:start + 4]
         assert [line.split()[0] for line in block] == ["rank", "alpha", "dropout", "rslora"], name
+    start = lines.index("map") + 1
+    assert lines[start + 4].split()[0] == "beta_init"
+
+
+def test_beta_init_sets_the_update_length_and_attach_stays_exact():
+    base = Wrap(nn.Linear(7, 5))
+    x = torch.randn(3, 7)
+    model = vp.attach(copy.deepcopy(base), "map", targets=["layer"], rank=2, beta_init=0.1)
+    method = method_of(model)
+    assert method.update_scale.item() == pytest.approx(0.1)
+    assert max_rel(model(x), base(x)) < 1e-6
+    with torch.no_grad():
+        method.lora_B.normal_()
+    weight = model.layer.weight
+    update = method.delta(weight) - (method.base_gain() - 1) * weight
+    assert max_rel(update.norm(), torch.tensor(0.1)) < 1e-5, "the update's norm is b0 once B moves"
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), True])
+def test_beta_init_must_be_finite_and_positive(value):
+    model = Wrap(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=f"beta_init={value!r}"):
+        vp.attach(model, "map", targets=["layer"], beta_init=value)
+    assert type(model.layer) is nn.Linear
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-2])
+@pytest.mark.parametrize("beta_init", [1.0, 0.01])
+def test_the_first_adamw_step_moves_the_weight_by_beta_init_whatever_the_lr(lr, beta_init):
+    torch.manual_seed(0)
+    base = Wrap(nn.Linear(8, 4))
+    model = vp.attach(copy.deepcopy(base), "map", targets=["layer"], rank=2, beta_init=beta_init)
+    method = method_of(model)
+    optimizer = torch.optim.AdamW([method.lora_A, method.lora_B], lr=lr)
+    F.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 4)).backward()
+    optimizer.step()
+    weight = base.layer.weight
+    assert max_rel(method.delta(weight).norm(), torch.tensor(beta_init)) < 1e-4

@@ -5,13 +5,18 @@ The whole weight is one vector: its pretrained direction keeps a trainable lengt
 This is the form of the reference implementation (LoMAP in the Subspace-Tuning fork): neither norm detached,
 ‖ΔW‖_F clamped below at 1e-6. The reference clamps ‖W0‖_F too; here a zero base weight (‖W0‖_F = 0), which has
 no direction, is refused instead. B starts at zero, so attaching changes nothing. Options as LoRA's (``rank``,
-``alpha``, ``dropout`` on the branch's input, ``rslora``).
+``alpha``, ``dropout`` on the branch's input, ``rslora``), plus ``beta_init``, the starting b (the reference's
+``map_beta_init``, default 1 as there).
 
 While ΔW ≈ 0 (at the start, B = 0) the clamp holds ‖ΔW‖ at 1e-6, so the update's gradient reaches B amplified
 by b/1e-6 ≈ 10⁶. Adam-type optimizers normalise that away (the first step moves each entry of B by about the
 learning rate); plain SGD would take a huge first step. Once ‖ΔW‖_F > 1e-6 the update's norm is exactly |b|
 whatever the factors' size, so b alone sets how far W moves (relative to ‖W0‖_F); b = 0 would stop A, B and b
-from training at all.
+from training at all, hence ``beta_init`` > 0. So from the first optimizer step every adapted layer carries an
+update of Frobenius norm b0 along a direction that is still mostly the random A's, a fixed move whatever the
+learning rate: about 10% of ‖W0‖_F for a typical layer of the tiny backbones, but as much as the whole weight on
+a small one (a ConvNeXt stem of ‖W0‖_F ≈ 1, depthwise kernels of ≈ 2). A smaller ``beta_init`` starts that move
+smaller; b then grows at the optimizer's pace.
 
 ‖ΔW‖_F comes from the factors, s·√tr((BᵀB)(AAᵀ)) (two r×r products), so the activation path builds no dense
 ΔW: y = c·(W0·x + (b·s/(c·‖ΔW‖)) · B(A·x)) + bias with c = a/‖W0‖_F, LoRA's fused branch and a scalar gain
@@ -21,23 +26,33 @@ divides it out again.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from visionpeft.layers.kinds import Slot
-from visionpeft.methods.base import adapter_dtype, register
-from visionpeft.methods.decomposed import NormalizedLowRank, apply_gain
+from visionpeft.methods.base import Option, adapter_dtype, register
+from visionpeft.methods.decomposed import LOW_RANK_OPTIONS, NormalizedLowRank, apply_gain
 
 #: the lower clamp of ‖ΔW‖_F (the reference's eps)
 EPS = 1e-6
 
 
+def _finite_positive(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
 @register
 class MAP(NormalizedLowRank):
     name = "map"
+    options = {**LOW_RANK_OPTIONS,
+               "beta_init": Option(1.0, _finite_positive, "a finite number > 0",
+                                   "starting length b of the update's unit direction")}
 
     def __init__(self, slot: Slot, rank: int, alpha: float | None, dropout: float, rslora: bool,
-                 base_norm: float | None = None) -> None:
+                 beta_init: float = 1.0, base_norm: float | None = None) -> None:
         super().__init__(slot, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
         if base_norm is None:
             raise ValueError("map needs the base weight's Frobenius norm (computed by MAP.prepare)")
@@ -45,7 +60,7 @@ class MAP(NormalizedLowRank):
         norm = torch.tensor(base_norm, dtype=dtype, device=slot.device)
         self.register_buffer("base_norm", norm, persistent=False)
         self.base_scale = nn.Parameter(norm.clone())
-        self.update_scale = nn.Parameter(torch.ones((), dtype=dtype, device=slot.device))
+        self.update_scale = nn.Parameter(torch.full((), float(beta_init), dtype=dtype, device=slot.device))
 
     @classmethod
     def prepare(cls, slots, options):
