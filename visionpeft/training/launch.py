@@ -56,6 +56,28 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+#: the environment variables ``accelerate launch`` sets from its FSDP options (``--use_fsdp``, ``--fsdp_version``)
+FSDP_VARIABLES = ("ACCELERATE_USE_FSDP", "FSDP_VERSION")
+
+
+def check_fsdp_launch(device: str) -> None:
+    """FSDP shards parameters over processes: its options with one process are refused (a ValueError naming the
+    option and what is allowed), before the accelerator is built or anything is written. On the CPU accelerate
+    ignores them (it builds a plain data-parallel MULTI_CPU job without its FSDP plugin), so they are refused there
+    too rather than silently training unsharded."""
+    use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+    if use_fsdp and device == "cpu" and launched_processes() > 1:
+        raise ValueError("--use_fsdp (ACCELERATE_USE_FSDP) was given with train.device resolving to 'cpu'; "
+                         "accelerate runs FSDP only on GPUs and would train plain data-parallel here: use a GPU "
+                         "(train.device=cuda or auto), or drop --use_fsdp for a data-parallel CPU run")
+    if use_fsdp and launched_processes() == 1:
+        version = os.environ.get("FSDP_VERSION", "1")
+        raise ValueError(f"--use_fsdp (ACCELERATE_USE_FSDP, FSDP_VERSION={version}) was given but the launcher "
+                         f"started 1 process; FSDP needs a distributed launch of 2 or more processes "
+                         f"(accelerate launch --num_processes N with N >= 2), or drop --use_fsdp for a "
+                         f"one-process run")
+
+
 def make_accelerator(recipe: dict[str, Any], split_batches: bool = True):
     """The accelerator of a recipe: its device, precision and gradient accumulation, and one data-parallel
     job over every process a launcher started."""
@@ -65,6 +87,7 @@ def make_accelerator(recipe: dict[str, Any], split_batches: bool = True):
 
     train = recipe["train"]
     device = resolve_device(train["device"])
+    check_fsdp_launch(device)
     precision = resolve_precision(train["precision"], device)
     # accelerate keeps one global state per process; a sweep or a notebook runs several recipes (with other
     # precisions) in one process, so start each from a clean state (the process group itself is kept)
