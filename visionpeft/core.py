@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from visionpeft.layers import direct_reads
 from visionpeft.layers.adapted import AdaptedLayer, adapt, is_adapted, restore
 from visionpeft.layers.kinds import ParametersKind, Slot
 from visionpeft.methods.base import Method, get_method, resolve_options
@@ -155,6 +156,7 @@ def install(model: nn.Module, plan: Plan) -> None:
             layer.vp_set_inactive(layer._vp_inactive | {plan.record.name})
     model.__dict__.setdefault(RECORDS_ATTR, {})[plan.record.name] = plan.record
     apply_trainability(model)
+    direct_reads.track(model)
 
 
 def apply_trainability(model: nn.Module) -> None:
@@ -224,6 +226,7 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
             elif not merge and merged:
                 layer.vp_unmerge(adapter)
         restore(layer)
+    direct_reads.track(model)
     trainable = model.__dict__.pop(TRAINABLE_BEFORE_ATTR, None)
     if trainable is not None:
         for param_name, param in model.named_parameters():
@@ -249,6 +252,7 @@ def discard_adapters(model: nn.Module, names) -> None:
             layer.vp_set_inactive(layer._vp_inactive - {name})
         if not len(layer.vp_adapters):
             restore(layer)
+    direct_reads.track(model)
     for name in names:
         records(model).pop(name, None)
 
