@@ -114,7 +114,8 @@ def live_peak_mb(model, optimizer, one_step: Callable[[], None]) -> float:
     return (existing + peak) / 2**20
 
 
-def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int) -> dict:
+def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int, live_peak: bool = True) -> dict:
+    """Median step time, peak memory and, on CPU with ``live_peak``, the live-tensor peak of one more (profiled) step."""
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters, on CPU as on GPU. PyTorch's CPU default loops over the tensors,
     # a fixed cost per tensor (about 0.1 ms) that charges an adapter for how many tensors it has, not their size.
@@ -135,7 +136,7 @@ def time_steps(model, make_batch, loss_fn, device: str, warmup: int, steps: int)
     return {
         "step_s": statistics.median(times),
         "peak_mb": peak_mb,
-        "live_peak_mb": peak_mb if device.startswith("cuda") else live_peak_mb(
+        "live_peak_mb": peak_mb if device.startswith("cuda") or not live_peak else live_peak_mb(
             model, optimizer, lambda: step(model, optimizer, inputs, target, loss_fn)),
         "trainable": sum(p.numel() for p in params),
         "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),

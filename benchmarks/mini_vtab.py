@@ -5,8 +5,9 @@ Accuracy: each (backbone, task, method, seed) is trained by the recipe runner fr
 split, no best-of-eval picking); finished runs are kept under ``--runs`` and skipped on a re-run.
 Cost: step time and training-step peak memory of each method at the recipes' batch size, measured
 by ``harness.py`` (each configuration in its own process, interleaved rounds) against the frozen
-floor (trunk frozen, activation gradients through every block) and HF PEFT's LoRA, the outside peer; HF PEFT's
-DoRA (``peft-dora``, on the layers visionpeft's DoRA adapts) is measured for cost only (it has no recipe).
+floor (trunk frozen, activation gradients through every block) and HF PEFT's LoRA, the outside peer. HF PEFT's
+LoRA and DoRA (``peft-lora``, ``peft-dora``) train from their own recipes at visionpeft LoRA's and DoRA's rank and
+learning rate, on the layers those adapt, so each pair differs only in implementation.
 
 Writes a markdown table per backbone (top-1 mean ± std per task, average, trainable parameters, step
 time, memory above the floor), the targets' verdicts, a bar chart, and average top-1 against trainable
@@ -29,15 +30,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from harness import Workload, frozen_floor, machine  # noqa: E402
 from harness import main as harness_main  # noqa: E402
-from workloads import peft_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "mini_vtab"
-METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd", "dora", "map", "mora", "nola",
-           "alpha-lora"]
+METHODS = ["linear", "full", "peft-lora", "lora", "flora", "snella", "sara", "svd", "peft-dora", "dora", "map", "mora",
+           "nola", "alpha-lora"]
 PEFT_METHODS = ["lora", "flora", "snella", "sara", "svd", "dora", "map", "mora", "nola", "alpha-lora"]
-#: measured for step time and memory only: no recipe trains them
-COST_ONLY = ["peft-dora"]
 BACKBONES = ["vit", "convnet"]
 BATCH = 32
 
@@ -138,7 +136,7 @@ def run_accuracy(args) -> dict:
     jobs = {}
     # seed-major: an interrupted grid leaves whole seeds of the table, not whole tasks
     for backbone, task, method, seed in ((b, t, m, s) for b in args.backbones for s in args.seeds
-                                         for t in args.tasks for m in trained_methods(args)):
+                                         for t in args.tasks for m in args.methods):
         overrides = [f"data.root={args.data}", f"data.task={task}", f"train.seed={seed}", *_epochs(args)]
         jobs[(backbone, task, method, seed)] = (method, backbone, overrides,
                                                 Path(args.runs) / backbone / task / method / f"seed{seed}")
@@ -161,10 +159,6 @@ def run_accuracy(args) -> dict:
     return {"top1": top1, "trainable": trainable}
 
 
-def trained_methods(args) -> list[str]:
-    return [m for m in args.methods if m not in COST_ONLY]
-
-
 def chosen_lr(means: dict[float, float]) -> float:
     """The smallest rate within ``LR_TIE`` points of the best val200 mean: near the edge of stability a
     higher rate buys little on one seed and can diverge on another."""
@@ -173,11 +167,12 @@ def chosen_lr(means: dict[float, float]) -> float:
 
 
 def tune_lr(args) -> str:
-    """Train each method at each of its ``LR_GRID`` rates on train800, score on val200 (seed 0); a table."""
-    from visionpeft.data.mini_vtab import write_mini_vtab
+    """Train each method at each of its ``LR_GRID`` rates on train800, score on val200 (seed 0); a table. The
+    outside peers (``PEER_OF``) take the rate of the method they are compared with."""
+    from visionpeft.data.mini_vtab import PEER_OF, write_mini_vtab
 
     write_mini_vtab(args.data, args.tasks)
-    methods = [m for m in trained_methods(args) if m != "peft-lora"]
+    methods = [m for m in args.methods if m not in PEER_OF]
     jobs = {}
     for backbone, task, method in ((b, t, m) for b in args.backbones for t in args.tasks for m in methods):
         for lr in LR_GRID[backbone][method]:
@@ -238,20 +233,8 @@ def _adapter_config(method: str):
     return setup
 
 
-def _peft_dora(model, workload):
-    """HF PEFT's DoRA at DoRA's recipe rank on the layers visionpeft's DoRA adapts (PEFT cannot adapt the
-    depthwise convs at this rank: they stay frozen, as in the peft-lora baseline)."""
-    from visionpeft.targeting import resolve_targets
-
-    backbone = "vit" if hasattr(model, "pos_embed") else "convnet"
-    adapter = recipe_for("dora", backbone)["adapter"]
-    rank = adapter["options"].get("rank", 8)
-    names = [t.name for t in resolve_targets(model, adapter["targets"]) if getattr(t.module, "groups", 1) == 1]
-    return peft_adapter(model, names, rank, head=workload.head, dora=True)
-
-
 def cost_configs() -> dict:
-    return {"floor": frozen_floor} | {m: _adapter_config(m) for m in METHODS} | {"peft-dora": _peft_dora}
+    return {"floor": frozen_floor} | {m: _adapter_config(m) for m in METHODS}
 
 
 def run_cost(args) -> dict:
@@ -284,10 +267,6 @@ def render(args, accuracy: dict, cost: dict) -> str:
             row = cost.get((backbone, method))
             step = f"{row['step_s'] / floor['step_s']:.2f}" if row and floor else "n/a"
             memory = f"{row['peak_mb'] - floor['peak_mb']:+.0f}" if row and floor else "n/a"
-            if method in COST_ONLY:
-                count = f"{row['trainable']:,}" if row else "n/a"
-                lines.append(f"| {method} | " + " | ".join("–" for _ in args.tasks) + f" | – | {count} | {step} | {memory} |")
-                continue
             cells = []
             for task in args.tasks:
                 mean, std = _mean_std(top1[(backbone, task, method)])
@@ -304,27 +283,19 @@ def render(args, accuracy: dict, cost: dict) -> str:
 def verdicts(args, top1: dict, backbone: str) -> list[str]:
     """The three targets, checked on this backbone's numbers."""
     out = []
-    methods = [m for m in trained_methods(args) if m != "linear"]
+    methods = [m for m in args.methods if m != "linear"]
     if "linear" in args.methods:
         losses = [f"{m} on {t}" for m in methods for t in args.tasks
                   if statistics.mean(top1[(backbone, t, m)]) <= statistics.mean(top1[(backbone, t, "linear")])]
         out.append(f"- every method beats the linear probe on every task: "
                    f"{'**met**' if not losses else '**missed** (' + ', '.join(losses) + ')'}")
-    if {"lora", "peft-lora"} <= set(args.methods):
-        # the outside peer is there to catch our LoRA doing worse; ahead of it is reported, not counted as a miss
-        behind, ahead = [], []
-        for task in args.tasks:
-            ours, _ = _mean_std(top1[(backbone, task, "lora")])
-            theirs, std = _mean_std(top1[(backbone, task, "peft-lora")])
-            if abs(ours - theirs) > std:
-                (ahead if ours > theirs else behind).append(
-                    f"{task} ({ours:.1f} vs {theirs:.1f} ± {std:.1f}, ours {'ahead' if ours > theirs else 'behind'})")
-        verdict = "**met**" if not behind else "**missed** on " + ", ".join(behind)
-        if ahead:
-            verdict += f"; more than one std ahead on {', '.join(ahead)}"
-        out.append(f"- our LoRA within one std of PEFT's LoRA, or ahead of it: {verdict}")
+    for method, label in (("lora", "LoRA"), ("dora", "DoRA")):
+        peer = f"peft-{method}"
+        if {method, peer} <= set(args.methods):
+            out.append(f"- our {label} within one std of PEFT's {label}, or ahead of it: "
+                       f"{_peer_verdict(top1, backbone, args.tasks, method, peer)}")
     if "full" in args.methods:
-        average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in trained_methods(args)}
+        average = {m: statistics.mean(statistics.mean(top1[(backbone, t, m)]) for t in args.tasks) for m in args.methods}
         candidates = [m for m in PEFT_METHODS if m in average]
         if candidates:
             best = max(candidates, key=average.get)
@@ -332,6 +303,21 @@ def verdicts(args, top1: dict, backbone: str) -> list[str]:
             out.append(f"- best PEFT method ({best}, {average[best]:.1f}) within 1 point of full fine-tuning "
                        f"({average['full']:.1f}) on average: {'**met**' if gap <= 1.0 else '**missed**'} (gap {gap:+.1f})")
     return out
+
+
+def _peer_verdict(top1: dict, backbone: str, tasks: list[str], method: str, peer: str) -> str:
+    """The outside peer is there to catch our method doing worse; ahead of it is reported, not counted as a miss."""
+    behind, ahead = [], []
+    for task in tasks:
+        ours, _ = _mean_std(top1[(backbone, task, method)])
+        theirs, std = _mean_std(top1[(backbone, task, peer)])
+        if abs(ours - theirs) > std:
+            (ahead if ours > theirs else behind).append(
+                f"{task} ({ours:.1f} vs {theirs:.1f} ± {std:.1f}, ours {'ahead' if ours > theirs else 'behind'})")
+    verdict = "**met**" if not behind else "**missed** on " + ", ".join(behind)
+    if ahead:
+        verdict += f"; more than one std ahead on {', '.join(ahead)}"
+    return verdict
 
 
 def plot(args, accuracy: dict, path: Path) -> None:
@@ -342,7 +328,7 @@ def plot(args, accuracy: dict, path: Path) -> None:
 
     top1 = accuracy["top1"]
     fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 3.8), squeeze=False)
-    methods = trained_methods(args)
+    methods = args.methods
     width = 0.8 / len(methods)
     for ax, backbone in zip(axes[0], args.backbones):
         for i, method in enumerate(methods):
@@ -369,7 +355,7 @@ def plot_per_parameter(args, accuracy: dict, path: Path) -> None:
     top1, trainable = accuracy["top1"], accuracy["trainable"]
     fig, axes = plt.subplots(1, len(args.backbones), figsize=(6.5 * len(args.backbones), 4.2), squeeze=False)
     for ax, backbone in zip(axes[0], args.backbones):
-        for method in trained_methods(args):
+        for method in args.methods:
             average = statistics.mean(statistics.mean(top1[(backbone, t, method)]) for t in args.tasks)
             count = trainable[(backbone, method)]
             ax.scatter([count], [average], s=18)
@@ -392,7 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
     parser.add_argument("--tasks", nargs="+", default=list(MINI_TASKS), choices=list(MINI_TASKS))
-    parser.add_argument("--methods", nargs="+", default=METHODS + COST_ONLY, choices=METHODS + COST_ONLY)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cost measurement")

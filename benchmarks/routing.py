@@ -4,6 +4,7 @@ ViT-S/16 at 224 px, 4 LoRA adapters (rank 8, every Linear of the blocks), batch 
 the adapters (sample i → adapter i mod 4), inference under ``torch.inference_mode``. Configurations:
 
 - ``base``: the frozen model, no adapter (the floor);
+- ``one-adapter``: visionpeft with one adapter active for the whole batch, the bound for any routed LoRA;
 - ``visionpeft``: ``with vp.routing(model, per_sample): model(x)``;
 - ``peft``: ``peft_model(x, adapter_names=per_sample)`` on the same layers;
 - ``separate``: visionpeft, one forward per adapter on its own samples (``vp.set_active`` each time).
@@ -24,7 +25,7 @@ import sys
 
 import torch
 
-CONFIGS = ("base", "visionpeft", "peft", "separate")
+CONFIGS = ("base", "one-adapter", "visionpeft", "peft", "separate")
 ADAPTERS = ("a0", "a1", "a2", "a3")
 
 
@@ -65,6 +66,9 @@ def setup(config: str, model):
     for name in ADAPTERS:
         vp.attach(model, "lora", name=name, rank=8)
     perturbed(model).eval()
+    if config == "one-adapter":
+        vp.set_active(model, ADAPTERS[0])
+        return lambda x, per_sample: model(x)
     if config == "visionpeft":
         def routed(x, per_sample):
             with vp.routing(model, per_sample):

@@ -11,7 +11,7 @@ on a 2-block ViT at 32 px in seconds (a check that they run, not a measurement).
 
     python benchmarks/step.py [--device cuda] [--repeats 3] [--out benchmarks/results/step_cpu.md]
     python benchmarks/step.py --dora [--repeats 3] [--out benchmarks/results/dora_step_cpu.md]
-    python benchmarks/step.py --inference [--repeats 20]
+    python benchmarks/step.py --inference [--repeats 20] [--workloads smoke]
     python benchmarks/step.py --extras [--repeats 3] [--out benchmarks/results/extras_step_cpu.md]
 """
 from __future__ import annotations
@@ -78,15 +78,17 @@ EXTRAS_CONFIGS = ["floor", "visionpeft-lora", "visionpeft-mora", "visionpeft-alp
                   "visionpeft-nola-qkv-mlp"]
 
 
-def inference_benchmark(device: str = "cpu", repeats: int = 20) -> str:
-    """Forward time without gradients: base, DoRA as attached (perturbed), and DoRA merged into the weights."""
+def inference_benchmark(device: str = "cpu", repeats: int = 20, smoke: bool = False) -> str:
+    """Forward time without gradients: base, DoRA as attached (perturbed), and DoRA merged into the weights
+    (which should run at the base's speed); ``smoke``: on the 2-block ViT at 32 px, a check that it runs."""
     import torch
 
     import visionpeft as vp
 
     torch.manual_seed(0)
-    inputs, _ = image_batch(device)
-    model = vit_s16().to(device).eval()
+    workload = SMOKE if smoke else VIT_S
+    inputs, _ = workload.make_batch(device)
+    model = workload.build().to(device).eval()
     rows = []
 
     def timed(label):
@@ -102,7 +104,8 @@ def inference_benchmark(device: str = "cpu", repeats: int = 20) -> str:
     vp.merge(model)
     timed("dora (merged)")
     base_ms = rows[0][1]
-    lines = [f"Machine: {machine(device)}; ViT-S/16, 224 px, batch 8, forward under no_grad, median of {repeats}.", "",
+    lines = [f"Machine: {machine(device)}; {'smoke ViT, 32 px, batch 2' if smoke else 'ViT-S/16, 224 px, batch 8'}, "
+             f"forward under no_grad, median of {repeats}.", "",
              "| model | forward (ms) | × base |", "|---|---:|---:|"]
     lines += [f"| {label} | {ms:.1f} | {ms / base_ms:.2f} |" for label, ms in rows]
     return "\n".join(lines)
@@ -113,7 +116,8 @@ if __name__ == "__main__":
     if "--inference" in argv:
         repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 20
         device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
-        print(inference_benchmark(device, repeats))
+        smoke = "--workloads" in argv and argv[argv.index("--workloads") + 1] == "smoke"
+        print(inference_benchmark(device, repeats, smoke))
     elif "--extras" in argv:
         argv.remove("--extras")
         if "--configs" not in argv and "--child" not in argv:

@@ -7,11 +7,15 @@ a linear probe gives the baseline, then the method (FLoRA by default) is attache
 writes its adapter, ``metrics.csv``, ``summary.json`` and ``curves.png``; the adapter is loaded back
 and re-evaluated to show that save/load is exact.
 
-    python examples/quickstart.py [--method flora] [--backbone vit] [--task digits] [--epochs 10]
+    python examples/quickstart.py [--method flora] [--backbone vit] [--task digits] [--epochs 10] [--resume]
+
+Each run checkpoints at every evaluation; after Ctrl-C, ``--resume`` continues where it stopped (and reuses a run
+that had finished).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import visionpeft as vp
@@ -19,6 +23,7 @@ from visionpeft.data.mini_vtab import MINI_TASKS, backbone_overrides, write_task
 from visionpeft.methods.base import get_method
 from visionpeft.models.tiny import CONFIGS
 from visionpeft.training import evaluate_adapter, load_recipe, train
+from visionpeft.training.interrupt import TrainingInterrupted
 from visionpeft.training.recipe import BASELINES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "mini_vtab"
@@ -29,6 +34,8 @@ def run(method: str, args: argparse.Namespace) -> tuple[dict, dict]:
                  f"output={Path(args.output) / method}", "train.eval_interval=1"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=auto")
     recipe = load_recipe(RECIPES / f"{method}.yaml", overrides)
     return recipe, train(recipe)
 
@@ -41,13 +48,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (10)")
     parser.add_argument("--data", default="runs/mini_vtab", help="where the mini VTAB tasks are written")
     parser.add_argument("--output", default="runs/quickstart")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs, reuse finished ones")
     args = parser.parse_args()
     method = args.method if args.method in BASELINES else get_method(args.method).name  # clip-svd -> svd
 
     print(f"writing the mini VTAB task {args.task!r} to {args.data} (kept if already there)")
     write_task(args.data, args.task)
-    _, probe = run("linear", args)
-    recipe, tuned = run(method, args)
+    try:
+        _, probe = run("linear", args)
+        recipe, tuned = run(method, args)
+    except TrainingInterrupted:
+        again = sys.argv[1:] + ([] if args.resume else ["--resume"])
+        sys.exit(f"interrupted; the run is checkpointed; to continue: python examples/quickstart.py {' '.join(again)}")
     reloaded = evaluate_adapter(recipe, str(Path(recipe["output"]) / "adapter"))
 
     gain = tuned["final_top1"] - probe["final_top1"]

@@ -352,9 +352,10 @@ def test_generate_writes_images_of_the_requested_size(pipeline, pipeline_dir, tm
     args = ["generate", "--pipeline", str(pipeline_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "a sks dog",
             "a sks dog in the snow", "--num-images", "2", "--steps", "2", "--merge", "--out", str(tmp_path / "out")]
     assert cli.main(args) == 0
-    files = sorted((tmp_path / "out").glob("*.png"))
+    files = sorted((tmp_path / "out").glob("prompt*.png"))
     assert [f.name for f in files] == ["prompt00_00.png", "prompt00_01.png", "prompt01_00.png", "prompt01_01.png"]
     assert all(Image.open(f).size == (32, 32) for f in files)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 32, 2 * 32)  # a row per prompt
     assert cli.main(args[:-2] + ["--size", "48", "--scale", "0.5", "--out", str(tmp_path / "big")]) == 0
     assert Image.open(tmp_path / "big" / "prompt00_00.png").size == (48, 48)
     assert cli.main(["generate", "--pipeline", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2

@@ -129,7 +129,7 @@ def test_tiny_rejects_unknown_names():
 
 
 # --- the runner on them, with PEFT's LoRA as a baseline ------------------------------------------
-@pytest.mark.parametrize("method", ["flora", "peft-lora"])
+@pytest.mark.parametrize("method", ["flora", "peft-lora", "peft-dora"])
 def test_mini_recipe_trains_the_tiny_backbone_and_reloads_exactly(mini_root, tmp_path, method):
     from visionpeft.training import evaluate_adapter, load_recipe, train
 
@@ -141,13 +141,36 @@ def test_mini_recipe_trains_the_tiny_backbone_and_reloads_exactly(mini_root, tmp
     assert evaluate_adapter(recipe, str(tmp_path / method / "adapter")) == summary["final_top1"]
 
 
+@pytest.mark.parametrize("backbone", ["vit", "convnet"])
+def test_the_peft_dora_recipe_is_peft_dora_on_the_layers_and_at_the_rank_of_our_dora(backbone):
+    import visionpeft as vp
+    from visionpeft.data.mini_vtab import backbone_overrides
+    from visionpeft.training import load_recipe
+    from visionpeft.training.runner import apply_adapter
+
+    def adapted(method):
+        recipe = load_recipe(ROOT / "recipes" / "mini_vtab" / f"{method}.yaml", backbone_overrides(method, backbone))
+        return recipe, apply_adapter(tiny(backbone, pretrained=False, num_classes=10), recipe["adapter"])
+
+    (theirs_recipe, theirs), (ours_recipe, ours) = adapted("peft-dora"), adapted("dora")
+    assert theirs_recipe["train"]["lr"] == ours_recipe["train"]["lr"]
+    magnitudes = {n.split(".lora_magnitude_vector")[0]: p for n, p in theirs.named_parameters()
+                  if "lora_magnitude_vector" in n and p.requires_grad}
+    ours_layers = {name: m for name, m in ours.named_modules() if hasattr(m, "vp_adapters")}
+    depthwise = {name for name, m in ours_layers.items() if getattr(m, "groups", 1) > 1}  # PEFT cannot at rank 4
+    assert set(magnitudes) == set(ours_layers) - depthwise and magnitudes
+    rank = ours_recipe["adapter"]["options"]["rank"]
+    assert all(m.lora_A["default"].weight.shape[0] == rank for name, m in theirs.named_modules() if name in magnitudes)
+    assert vp.adapters(ours)["default"]["options"]["rank"] == rank
+
+
 def test_peft_lora_options_are_validated(tmp_path):
     from visionpeft.training import load_recipe
 
     path = ROOT / "recipes" / "mini_vtab" / "peft-lora.yaml"
     with pytest.raises(ValueError, match="adapter.options.rank=0 must be >= 1"):
         load_recipe(path, ["adapter.options.rank=0"])
-    with pytest.raises(ValueError, match="takes options rank, alpha, dropout, got 'scale'"):
+    with pytest.raises(ValueError, match="takes options rank, alpha, dropout, use_dora, got 'scale'"):
         load_recipe(path, ["adapter.options.scale=2"])
     with pytest.raises(ValueError, match="model.kwargs must be empty"):
         from visionpeft.training.runner import build_model

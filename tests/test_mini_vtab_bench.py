@@ -69,6 +69,15 @@ def test_verdicts_name_what_misses(bench):
     assert "(lora, 84.8)" in missed[2] and "**missed** (gap +5.2)" in missed[2]
 
 
+def test_our_dora_is_judged_against_peft_doras_trained_runs(bench):
+    args = Namespace(methods=["peft-dora", "dora"], tasks=["digits"])
+    top1 = {("vit", "digits", "peft-dora"): [80.0, 82.0], ("vit", "digits", "dora"): [75.0, 75.0]}
+    assert bench.verdicts(args, top1, "vit") == [
+        "- our DoRA within one std of PEFT's DoRA, or ahead of it: **missed** on digits (75.0 vs 81.0 ± 1.4, ours behind)"]
+    top1[("vit", "digits", "dora")] = [81.5, 80.5]
+    assert bench.verdicts(args, top1, "vit")[0].endswith("**met**")
+
+
 def test_learning_rate_choice_prefers_the_smaller_of_near_ties(bench):
     assert bench.chosen_lr({0.003: 73.0, 0.01: 75.2, 0.03: 75.5, 0.1: 17.2}) == 0.01
     assert bench.chosen_lr({0.01: 46.0, 0.1: 51.8, 0.3: 52.5, 1.0: 51.2}) == 0.1
@@ -104,11 +113,13 @@ def test_a_backbones_tuned_rate_replaces_the_recipes_and_overrides_still_win(ben
     recipe_lr = bench.recipe_for("lora", "vit")["train"]["lr"]
     assert bench.recipe_for("lora", "convnet")["train"]["lr"] == 0.03 != recipe_lr
     assert bench.recipe_for("peft-lora", "convnet")["train"]["lr"] == 0.03  # PEFT's LoRA takes LoRA's rate
+    monkeypatch.setattr(mini_vtab, "BACKBONE_LR", {"convnet": {"dora": 0.003}})
+    assert bench.recipe_for("peft-dora", "convnet")["train"]["lr"] == 0.003  # and PEFT's DoRA DoRA's
     assert bench.recipe_for("flora", "convnet")["train"]["lr"] == bench.recipe_for("flora", "vit")["train"]["lr"]
     assert bench.recipe_for("lora", "convnet", ["train.lr=0.5"])["train"]["lr"] == 0.5
     assert set(bench.LR_GRID) == set(bench.BACKBONES)
     for grid in bench.LR_GRID.values():
-        assert set(grid) == set(bench.METHODS) - {"peft-lora"}
+        assert set(grid) == set(bench.METHODS) - {"peft-lora", "peft-dora"}
 
 
 def test_the_convnets_adapters_also_get_its_stem_and_the_baselines_are_untouched(bench):

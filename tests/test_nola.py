@@ -94,13 +94,15 @@ def test_backward_keeps_no_basis():
     layer = vp.attach(Wrap(nn.Linear(32, 48)), "nola", targets=["layer"], rank=4, num_basis=(64, 64))
     m = layer.layer.vp_adapters["default"]["weight"]
     perturb(layer)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    saved, dtypes = [], set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or dtypes.add(t.dtype) or t,
+                                                  lambda t: t):
         loss = layer(torch.randn(5, 32)).sum()
     loss.backward()
     assert m.nola_alpha.grad is not None and m.nola_beta.grad.abs().sum() > 0
-    # x, the rank-sized activations, the factors and the sequences' spectra: far below the bases themselves
+    # x, the rank-sized activations, the factors and the sequences (live buffers): far below the bases themselves
     assert sum(saved) < 64 * 4 * 32 / 4, f"kept {sum(saved)} values for backward; the A bases alone are {64 * 4 * 32}"
+    assert dtypes == {torch.float32}, f"no float64 or complex FFT spectra are kept for backward, got {dtypes}"
 
 
 def test_checkpoint_holds_coefficients_only_and_refuses_another_shape(tmp_path):

@@ -231,7 +231,8 @@ def test_every_shipped_recipe_validates(path):
     if task == "dreambooth":
         from visionpeft.training import dreambooth
 
-        assert dreambooth.load_recipe(path)["adapter"]["method"] == path.stem
+        # sd15 recipes are named by method, the others <pipeline>_<method>
+        assert dreambooth.load_recipe(path)["adapter"]["method"] == path.stem.split("_")[-1]
         return
     recipe = load_recipe(path)
     if path.parent.name == "mini_vtab":

@@ -50,9 +50,11 @@ def _load(kind: str, args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     kind = _recipe_kind(args.recipe, args.overrides)
-    summary = _recipe_module(kind).train(_load(kind, args), progress=not args.quiet)
+    recipe = _load(kind, args)
+    summary = _recipe_module(kind).train(recipe, progress=not args.quiet)
     if summary:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+        print(f"outputs in {recipe['output']}")
     return 0
 
 
@@ -83,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from visionpeft.models.pipelines import apply_adapter, generate, load_pipeline, save_image
+    from visionpeft.models.pipelines import apply_adapter, generate, image_grid, load_pipeline, save_image
 
     pipeline = load_pipeline(args.pipeline, dtype=getattr(torch, args.dtype))
     if args.device:
@@ -94,11 +96,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--merge and --scale apply to an adapter; give --adapter DIR")
     images = generate(pipeline, args.prompt, images_per_prompt=args.num_images, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, size=args.size, batch_size=args.batch_size,
-                      sampler=args.sampler)
+                      sampler=args.sampler, progress=not args.quiet)
     out = Path(args.out)
     for i, image in enumerate(images):
         prompt_index, image_index = divmod(i, args.num_images)
         print(save_image(image, out / f"prompt{prompt_index:02d}_{image_index:02d}.png"))
+    print(save_image(image_grid(images, columns=args.num_images), out / "grid.png"))  # a row per prompt
     return 0
 
 
@@ -134,6 +137,17 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TasksAction(argparse.Action):
+    """``--tasks a b key=value``: the words with ``=`` are overrides, not task names."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        tasks = [v for v in values if "=" not in v]
+        if not tasks:
+            parser.error(f"{option_string} needs at least one task name, got {' '.join(values)}")
+        setattr(namespace, self.dest, tasks)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + [v for v in values if "=" in v]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionpeft", description="Parameter-efficient fine-tuning for vision models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,23 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     sweep = commands.add_parser("sweep", help="run a recipe over every task of its benchmark and tabulate")
     sweep.add_argument("recipe")
     sweep.add_argument("overrides", nargs="*")
-    sweep.add_argument("--tasks", nargs="+", default=None)
+    sweep.add_argument("--tasks", nargs="+", default=None, action=_TasksAction,
+                       help="task names (key=value words among them are overrides)")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(run=_sweep)
-    gen = commands.add_parser("generate", help="sample images from a Stable Diffusion pipeline with a saved adapter")
+    gen = commands.add_parser("generate", help="sample images from an SD, SDXL, SD3 or FLUX pipeline with a saved adapter")
     gen.add_argument("--pipeline", required=True, help="local pipeline directory or hub id")
-    gen.add_argument("--adapter", help="a saved adapter directory (vp.save; text_encoder/ inside when trained)")
+    gen.add_argument("--adapter", help="a saved pipeline adapter directory (vp.save of the denoiser; text_encoder/, "
+                     "text_encoder_2/, ... inside when text encoders were trained)")
     gen.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
     gen.add_argument("--scale", type=float, default=1.0, help="adapter strength; other than 1 it is applied by merging")
     gen.add_argument("--merge", action="store_true", help="fold the adapter into the weights before sampling")
-    gen.add_argument("--out", default="generated", help="output folder (prompt<P>_<I>.png)")
+    gen.add_argument("--out", default="generated", help="output folder (prompt<P>_<I>.png and grid.png)")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--steps", type=int, default=25, help="sampling steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance-scale", type=float, default=7.5,
+                     help="classifier-free guidance (FLUX: the guidance its transformer embeds, e.g. 3.5)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     gen.add_argument("--batch-size", type=int, default=4)
-    gen.add_argument("--sampler", choices=("dpmsolver", "pipeline"), default="dpmsolver")
+    gen.add_argument("--sampler", choices=("auto", "dpmsolver", "pipeline"), default="auto",
+                     help="auto: DPM-Solver++ for SD and SDXL, the pipeline's flow-matching scheduler for SD3 and FLUX")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--device", default=None, help="e.g. cuda (default: where the pipeline loads)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="weights of the pipeline (adapters keep float32 parameters)")
@@ -177,12 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     shown.add_argument("--targets", nargs="+", default=None, help="module names (exact or dotted suffix), or all")
     shown.add_argument("--regex", default=None, help="a regular expression, full match on the qualified name")
     shown.set_defaults(run=_targets)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (e.g. after --quiet) land here
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"visionpeft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # training stops cleanly on Ctrl-C; its message says how to resume
+        print(f"visionpeft {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionpeft.core import AdapterRecord, Plan, adapters_rolled_back_on_error, install, plan, records
+from visionpeft.distributed import any_sharded, gathered, unsharded_class, written_on_rank_zero
 from visionpeft.layers.adapted import ADAPTERS_ATTR, is_adapted, layer_kind
 from visionpeft.layers.kinds import PARAMETERS_KIND, ParametersKind
 from visionpeft.targeting import Target
@@ -97,7 +98,9 @@ FORMATS = ("visionpeft", "peft")
 def save(model: nn.Module, directory: str | os.PathLike, *, names: Any = None, format: str = "visionpeft") -> None:
     """Write the adapters ``names`` (default: all, with their active states) and the modules they unfreeze to
     ``directory``, atomically per file. ``format="peft"``: ``adapter_config.json`` + ``adapter_model.safetensors``,
-    which ``peft.PeftModel.from_pretrained`` loads (one LoRA adapter; ValueError for what PEFT cannot express)."""
+    which ``peft.PeftModel.from_pretrained`` loads (one LoRA adapter; ValueError for what PEFT cannot express).
+    On a model sharded with FSDP2 every rank calls ``save``: the shards are gathered, rank 0 writes, and every rank
+    returns after the write (``visionpeft.distributed``)."""
     from visionpeft.by_name import check_names
 
     recs = records(model)
@@ -111,26 +114,34 @@ def save(model: nn.Module, directory: str | os.PathLike, *, names: Any = None, f
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save into {str(directory)!r}: it exists and is not a directory")
+    state = adapter_state(model, chosen)
+    sharded = any_sharded(state)
     if format == "peft":
+        if sharded:
+            raise ValueError("format='peft' on a model sharded with FSDP2 is not supported; save with "
+                             "format='visionpeft' (converted to PEFT's format after loading it unsharded)")
         from visionpeft.interop.peft_format import save_peft
 
         save_peft(model, directory, chosen)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model, chosen).items()}
-    tensor_path = directory / TENSORS_FILE
-    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    tensors = gathered(state)  # a collective per sharded tensor, on every rank; nothing is written before it
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": _version(),
-        "model_class": getattr(type(model), "_vp_base_class", type(model)).__name__,  # root adapted by targets="all"
+        "model_class": unsharded_class(model).__name__,
         "adapters": [recs[n].to_json() for n in chosen],
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "sha256": _sha256(tensor_path),
     }
-    text = json.dumps(config, indent=2, sort_keys=False)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+    def write() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensor_path = directory / TENSORS_FILE
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        text = json.dumps(dict(config, sha256=_sha256(tensor_path)), indent=2, sort_keys=False)
+        atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+    written_on_rank_zero(sharded, write)  # sharded: rank 0 writes, every rank returns after it
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

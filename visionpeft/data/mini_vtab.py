@@ -41,13 +41,16 @@ BACKBONE_LR: dict[str, dict[str, float]] = {
 BACKBONE_TARGETS: dict[str, str] = {
     "convnet": r"stem\.0|stages\.\d+\.(blocks\.\d+|downsample)\..+",
 }
+#: the outside peers' recipes, which take the rate of the visionpeft method they are compared with
+PEER_OF = {"peft-lora": "lora", "peft-dora": "dora"}
 
 
 def backbone_overrides(method: str, backbone: str) -> list[str]:
     """Recipe overrides that put ``method``'s mini VTAB recipe on the tiny ``backbone``: the model, and that
-    backbone's own learning rate and targets where they differ from the recipe's (PEFT's LoRA takes LoRA's)."""
+    backbone's own learning rate and targets where they differ from the recipe's (PEFT's LoRA and DoRA take
+    visionpeft LoRA's and DoRA's)."""
     overrides = [f"model.name=visionpeft/tiny_{backbone}"]
-    lr = BACKBONE_LR.get(backbone, {}).get("lora" if method == "peft-lora" else method)
+    lr = BACKBONE_LR.get(backbone, {}).get(PEER_OF.get(method, method))
     if lr is not None:
         overrides.append(f"train.lr={lr}")
     targets = BACKBONE_TARGETS.get(backbone)

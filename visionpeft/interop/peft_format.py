@@ -1,16 +1,17 @@
 """Hugging Face PEFT adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are ``base_model.model.<layer>.lora_A.weight`` (rank × fan_in; a conv's is the k×k down conv
-``(rank, in, *kernel)``) and ``...lora_B.weight`` (out × rank; a conv's the 1×1 up conv ``(out, rank, 1, ...)``),
-and the tensors of ``modules_to_save`` under their own keys; ΔW = scale · B·A with scale = lora_alpha / r
-(``use_rslora``: lora_alpha / √r). That is visionpeft's LoRA exactly, so the factors are copied as they are.
-A layer whose rank or alpha differs from the adapter's is written to ``rank_pattern`` / ``alpha_pattern`` (an
-escaped full layer name) and read back as a per-layer option. ``modules_to_save`` is visionpeft's ``unfreeze``.
+Keys are ``base_model.model.<layer>.<suffix>`` with the per-layer tensors of the adapter's method
+(``interop/peft_variants.py``: LoRA's ``lora_A.weight`` / ``lora_B.weight``, DoRA's also
+``lora_magnitude_vector``), and the tensors of ``modules_to_save`` under their own keys; ΔW = scale · B·A
+with scale = lora_alpha / r (``use_rslora``: lora_alpha / √r). That is visionpeft's LoRA exactly, so the factors
+are copied as they are. A layer whose rank or alpha differs from the adapter's is written to ``rank_pattern`` /
+``alpha_pattern`` (an escaped full layer name) and read back as a per-layer option. ``modules_to_save`` is
+visionpeft's ``unfreeze``.
 
-A method maps onto the format through a :class:`PeftVariant` (``VARIANTS``, by method name): the config fields
-it sets and the per-layer tensors it writes and reads. LoRA is the plain variant; a variant such as DoRA adds
-its config flag (``use_dora``) and tensors (``lora_magnitude_vector``) by subclassing it and calling
-:func:`register_variant`. What the format cannot express is refused with a ValueError naming the method or layer.
+A method maps onto the format through a :class:`~visionpeft.interop.peft_variants.PeftVariant` (``VARIANTS``, by
+method name): the config fields it sets (``use_dora``) and the per-layer tensors it writes and reads. A directory
+is read as the variant whose ``accepts`` takes its config. What the format cannot express is refused with a
+ValueError naming the method or layer.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
+
+from visionpeft.interop.peft_variants import VARIANTS, PeftVariant, register_variant  # noqa: F401 (the seam)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,44 +38,6 @@ _ELSEWHERE = ("Save it in the native format (format='visionpeft'), or make a LoR
 _UNSUPPORTED_FIELDS = {"bias": "none", "lora_bias": False, "layer_replication": None, "target_parameters": None,
                        "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None,
                        "alora_invocation_tokens": None}
-
-
-class PeftVariant:
-    """How one visionpeft method reads and writes PEFT's LoRA layout (the plain variant: ``lora``)."""
-
-    method: ClassVar[str] = "lora"
-
-    def config(self, record) -> dict[str, Any]:
-        """Config fields of this variant (beyond r, lora_alpha, target_modules, ...)."""
-        return {"use_dora": False}
-
-    def accepts(self, config: dict[str, Any]) -> bool:
-        """Whether a PEFT config is this variant's."""
-        return not config.get("use_dora", False)
-
-    def tensors(self, method: nn.Module, slot) -> dict[str, torch.Tensor]:
-        """Per layer, ``{key suffix: tensor}`` in PEFT's layout."""
-        down, up, scale = method.factors()
-        spatial = (1,) * (len(slot.shape) - 2)
-        return {"lora_A.weight": down.reshape(method.rank, *slot.shape[1:]),
-                "lora_B.weight": up.reshape(slot.shape[0], method.rank, *spatial)}
-
-    def suffixes(self) -> tuple[str, ...]:
-        return ("lora_A.weight", "lora_B.weight")
-
-    def rank(self, tensors: dict[str, torch.Tensor]) -> int:
-        return tensors["lora_A.weight"].shape[0]
-
-    def load(self, method: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        method.set_factors(tensors["lora_A.weight"], tensors["lora_B.weight"], float(method.scale))
-
-
-VARIANTS: dict[str, PeftVariant] = {"lora": PeftVariant()}
-
-
-def register_variant(variant: PeftVariant) -> PeftVariant:
-    VARIANTS[variant.method] = variant
-    return variant
 
 
 def is_peft_directory(directory: str | os.PathLike) -> bool:

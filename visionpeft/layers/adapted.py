@@ -26,10 +26,26 @@ _CLASS_CACHE: dict[type, type] = {}
 def _fused(blocks: list[torch.Tensor]) -> torch.Tensor:
     """The blocks' effective weights concatenated; rebuilt in backward when every block can be."""
     fused = torch.cat(blocks, dim=0)
+    if torch.compiler.is_compiling():  # nothing is rebuilt in a compiled graph (layers.kinds.rebuildable)
+        return fused
     rebuilds = [getattr(block, REBUILD_ATTR, None) for block in blocks]
     if all(rebuilds):
         setattr(fused, REBUILD_ATTR, lambda: torch.cat([rebuild() for rebuild in rebuilds], dim=0))
     return fused
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Passes a layer's output through; backward through a layer whose trainable adapters are merged raises."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, names: list[str], *params: torch.Tensor) -> torch.Tensor:
+        ctx.names = names
+        return out.clone()  # not a view: the host may change the output in place
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"backward through merged adapter(s) {ctx.names}: they are folded into the weights and "
+                           f"cannot train; call vp.unmerge(model) before training (or freeze them)")
 
 
 class AdaptedLayer:
@@ -56,9 +72,15 @@ class AdaptedLayer:
             if self._vp_disabled:
                 return self._vp_base_class.forward(self, *args, **kwargs)
             names = [name for name in self.vp_adapters if name not in self._vp_merged and name not in self._vp_inactive]
-            return self.vp_forward(args, kwargs, names)
+            out = self.vp_forward(args, kwargs, names)
         finally:
             state[direct_reads.OWN_ATTR] -= 1
+        if self._vp_route is None and not self._vp_disabled and self._vp_merged and torch.is_grad_enabled() \
+                and isinstance(out, torch.Tensor):
+            merged = [p for name in self._vp_merged for p in self.vp_adapters[name].parameters() if p.requires_grad]
+            if merged:  # their gradient would be silently lost: say so at backward
+                out = _MergedGuard.apply(out, sorted(self._vp_merged), *merged)
+        return out
 
     def __getattr__(self, name: str) -> Any:
         # an enclosing forward reading a slot's weight directly gets W + ΔW (layers/direct_reads.py)

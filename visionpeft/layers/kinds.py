@@ -105,6 +105,8 @@ def rebuildable(effective: torch.Tensor, weight: torch.Tensor, rebuild: Callable
     ``rebuild`` must reproduce ``effective`` bit for bit from detached values. A ``weight`` that is itself
     rebuildable (another adapter's effective weight) is rebuilt in turn rather than kept alive.
     """
+    if torch.compiler.is_compiling():  # a compiled graph decides itself what its backward keeps or recomputes
+        return effective
     source = getattr(weight, REBUILD_ATTR, None) or weight.detach
     setattr(effective, REBUILD_ATTR, lambda: rebuild(source()))
     return effective
@@ -121,6 +123,9 @@ def rebuilt_on_backward(weights: Iterable[torch.Tensor]) -> Iterator[None]:
     keeps the function instead and rebuilds the weight (same layout) when backward needs it. A method
     whose effective weight is cheap to rebuild (a scatter into W) thus keeps nothing weight-sized between
     forward and backward. Second-order gradients do not flow through a rebuilt weight."""
+    if torch.compiler.is_compiling():  # the compiled graph decides what it keeps (and hooks do not trace)
+        yield
+        return
     recipes = {w.untyped_storage().data_ptr(): (getattr(w, REBUILD_ATTR), w.dtype)
                for w in weights if hasattr(w, REBUILD_ATTR) and w.numel()}
     if not recipes or _other_saved_tensor_hooks():

@@ -122,6 +122,19 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return lazy_clone(tensor) if lazy_clone is not None else tensor
 
 
+def _product_sums(a: torch.Tensor, b: torch.Tensor, others: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """``(a ⊙ b).sum(others)`` a block of the first dim at a time: the product never takes an output-sized
+    temporary (on CPU a fresh output-sized result costs page faults and a pass through memory of its own)."""
+    if 0 not in others or a.shape[0] == 1:
+        return (a * b).sum(others, dtype=dtype)
+    step = max(1, _CHUNK // max(1, a[0].numel()))
+    total = None
+    for a_block, b_block in zip(a.split(step), b.split(step)):
+        part = (a_block * b_block).sum(others, dtype=dtype)
+        total = part if total is None else total.add_(part)
+    return total
+
+
 class _Gain(torch.autograd.Function):
     """``y = g ⊙ u + (1 − g) ⊙ b``. Backward recovers u − b = (y − b)/g from the kept output: where g is exactly 0
     (a zero row of W0, whose magnitude starts at 0 and, with its B row getting no gradient, never moves) that
@@ -147,10 +160,10 @@ class _Gain(torch.autograd.Function):
         others = [d for d in range(grad.dim()) if d != dim]
         acc = torch.promote_types(grad.dtype, torch.float32)  # sums over the batch at least in float32
         grad_gain = grad_bias = None
-        if need_gain or need_bias:
+        if need_bias or (need_gain and bias is not None):  # a bias-free layer (a conv before a norm) skips this pass
             grad_sum = grad.sum(others, dtype=acc)
         if need_gain:
-            weighted = (grad * y).sum(others, dtype=acc)  # Σ G ⊙ y per channel
+            weighted = _product_sums(grad, y, others, acc)  # Σ G ⊙ y per channel
             if bias is not None:
                 weighted = weighted - bias.to(acc) * grad_sum
             if gain.dim() == 0:

@@ -55,7 +55,7 @@ class DoRA(NormalizedLowRank):
 
     def _base_norms_squared(self, weight: torch.Tensor, layer_weight: bool) -> torch.Tensor:
         """‖W0‖²_row of ``weight``: the cached buffer while the layer's weight is the one it was computed from."""
-        if not layer_weight:
+        if not layer_weight or torch.compiler.is_compiling():  # a compiled graph computes them (no data_ptr there)
             return row_norms_squared(weight, self.magnitude.dtype)
         identity = self._identity(weight)
         if self._norms_of != identity:

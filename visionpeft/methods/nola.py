@@ -77,9 +77,31 @@ class WindowBases(nn.Module):
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Σᵢ cᵢ basisᵢ: out[t] = Σᵢ cᵢ·sequence[t + i], a correlation (no wrap-around: t + i < length)."""
-        n = self.fft_size
-        spectrum = torch.fft.rfft(self.sequence.double(), n=n) * torch.fft.rfft(coefficients.double(), n=n).conj()
-        return torch.fft.irfft(spectrum, n=n)[:self.numel].to(coefficients.dtype).view(self.shape)
+        return _Correlation.apply(self.sequence, coefficients, self.numel, self.fft_size).view(self.shape)
+
+
+def _correlate(sequence: torch.Tensor, weights: torch.Tensor, length: int, fft_size: int) -> torch.Tensor:
+    """``out[t] = Σᵢ weights[i]·sequence[t + i]`` for t < length, by FFT in float64, in ``weights``' dtype."""
+    spectrum = torch.fft.rfft(sequence.double(), n=fft_size) * torch.fft.rfft(weights.double(), n=fft_size).conj()
+    return torch.fft.irfft(spectrum, n=fft_size)[:length].to(weights.dtype)
+
+
+class _Correlation(torch.autograd.Function):
+    """The combination and its gradient as two correlations with the frozen sequence. Autograd through the FFTs
+    would keep their float64 and complex spectra for backward (about 12 bytes per basis element per layer, more
+    than LoRA's whole overhead); this keeps only the sequence, which is a live buffer anyway."""
+
+    @staticmethod
+    def forward(ctx, sequence, coefficients, numel, fft_size):
+        ctx.save_for_backward(sequence)
+        ctx.fft_size, ctx.count = fft_size, coefficients.numel()
+        return _correlate(sequence, coefficients, numel, fft_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sequence,) = ctx.saved_tensors
+        # ∂/∂cᵢ of Σₜ gₜ·out[t] = Σₜ gₜ·sequence[t + i]: the same correlation, with the gradient as the weights
+        return None, _correlate(sequence, grad.contiguous(), ctx.count, ctx.fft_size), None, None
 
 
 @register

@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionpeft.distributed import full_tensor
 from visionpeft.layers.kinds import Slot, rebuildable
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, register
 from visionpeft.methods.sara_backprop import (SampledGradientTap, ScatterAdd, SparseLinearDelta, csr_structure,
@@ -210,11 +211,13 @@ class SaRA(Method):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- the delta ---------------------------------------------------------------------------
-    def current_values(self) -> torch.Tensor:
-        """The value of every selected entry, frozen ones at what they were when they froze."""
+    def current_values(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The value of every selected entry (of ``values``, default the trained ones), frozen ones at what they
+        were when they froze."""
+        values = self.values if values is None else values
         if self.progressive:
-            return torch.where(self.frozen, self.frozen_values, self.values)
-        return self.values
+            return torch.where(self.frozen, self.frozen_values, values)
+        return values
 
     def value_change(self) -> torch.Tensor:
         return self.current_values() - self.original.to(self.values.dtype)
@@ -265,7 +268,7 @@ class SaRA(Method):
 
     def rank_penalty(self) -> torch.Tensor:
         """``lambda_rank · ‖W_M‖_*`` in float32, W_M the values of the entries still training (frozen ones: 0)."""
-        values = self.values.float()
+        values = full_tensor(self.values).float()
         if self.progressive:
             values = values.masked_fill(self.frozen, 0)
         matrix = torch.zeros(math.prod(self.slot_shape), dtype=torch.float32, device=values.device)
@@ -285,7 +288,7 @@ class SaRA(Method):
         """Freeze the entries whose value has grown to |v| >= θ, at their current value."""
         if not self.progressive:
             raise ValueError("sara: progressive re-selection is disabled (progressive_at=1.0)")
-        current = self.current_values()
+        current = self.current_values(full_tensor(self.values))  # whole on every rank of an FSDP2 model
         grown = (current.abs() >= self.theta.to(current.dtype)) & ~self.frozen
         self.frozen_values.copy_(torch.where(grown, current, self.frozen_values))
         self.frozen |= grown

@@ -64,6 +64,10 @@ function on linear ops, non-reentrant checkpointing on convs): three matmuls mor
 can drop the adapter's input, so dropout always uses it. Grouped convs without dropout, MultiheadAttention,
 fused q/k/v blocks and generic modules always run as W + ΔW. ``benchmarks/snella.py`` measures the paths
 (the tables are in ``benchmarks/README.md``).
+
+Under ``torch.compile`` every path is the same ΔW from stock operations (``snella_kernel.traced_kernel_value``, and
+``snella_sparse.traced_top_mask``: the same entries from a sort, with the ``budget`` buffer as a tensor, so a
+re-allocation does not recompile), differentiated by the traced graph: one graph, the eager values and gradients.
 """
 from __future__ import annotations
 
@@ -74,11 +78,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionpeft.distributed import full_tensor
 from visionpeft.layers.kinds import Slot, rebuildable
 from visionpeft.methods.base import Method, Option, adapter_dtype, positive_int, probability, register
 from visionpeft.methods.snella_kernel import PIECE_WEIGHTS
 from visionpeft.methods.snella_schedule import allocate, reallocation_budget
-from visionpeft.methods.snella_sparse import DeltaState, LinearKernelDelta, SparseKernel
+from visionpeft.methods.snella_sparse import DeltaState, LinearKernelDelta, SparseKernel, traced_sparse_kernel
 
 KERNELS = ("distance", "distance+softmax")
 PATHS = ("activation", "weight")
@@ -179,10 +184,12 @@ class SNELLA(Method):
         return build
 
     def delta(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # stock operations, differentiated by the traced graph (module docstring)
+            return traced_sparse_kernel(self.budget, *self._factors()).view(self.slot_shape)
         return self._builder()(*self._factors()).view(self.slot_shape)
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return weight + self.delta().to(weight.dtype)
         build, factors, shape = self._builder(), self._factors(), self.slot_shape
         effective = weight + build(*factors).view(shape).to(weight.dtype)
@@ -202,6 +209,8 @@ class SNELLA(Method):
     def add_output_delta(self, x: torch.Tensor, out: torch.Tensor, slot: Slot) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
+        if torch.compiler.is_compiling():
+            return out.add_(slot.run(x, self.delta().to(x.dtype)).to(out.dtype))
         build = self._builder()
         if slot.op == "linear":
             return out.add_(LinearKernelDelta.apply(x, build, *self._factors()).to(out.dtype))
@@ -230,13 +239,14 @@ class SNELLA(Method):
 
     @torch.no_grad()
     def update_importance(self, betas: Sequence[float]) -> None:
-        """One EMA step of sensitivity |θ·∇θ| and its uncertainty, for both factors (skipped without grads)."""
+        """One EMA step of sensitivity |θ·∇θ| and its uncertainty, for both factors (skipped without grads); the
+        factors and gradients of an FSDP2 model are gathered first, so every rank allocates the same budgets."""
         beta1, beta2 = betas
         for param, sensitivity, uncertainty in ((self.in_pieces, self.sensitivity_in, self.uncertainty_in),
                                                 (self.out_pieces, self.sensitivity_out, self.uncertainty_out)):
             if param.grad is None:
                 continue
-            current = (param * param.grad).abs().nan_to_num_(0.0, 0.0, 0.0)
+            current = (full_tensor(param) * full_tensor(param.grad)).abs().nan_to_num_(0.0, 0.0, 0.0)
             sensitivity.mul_(beta1).add_(current, alpha=1 - beta1)
             uncertainty.mul_(beta2).add_((current - sensitivity).abs_(), alpha=1 - beta2)
 

@@ -109,3 +109,30 @@ def kernel_value(in_pieces: torch.Tensor, out_pieces: torch.Tensor, mixture: tor
             return kernel
         centred = centred_softmax(kernel, mixture[1], out=distances[1])
         return _mix(kernel, centred, mixture[0], mixture[2] / kernel.shape[1], in_place=True)
+
+
+def traced_kernel_value(in_pieces: torch.Tensor, out_pieces: torch.Tensor,
+                        mixture: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kernel_value`'s operations out of place, for autograd to differentiate: the form ``torch.compile``
+    traces (the hand-written backward of ``snella_sparse.SparseKernel`` and its in-place buffers are for eager
+    mode). The same operations in the same order, so the values are those of :func:`kernel_value`."""
+    rows, columns = out_pieces, in_pieces
+    ones = rows.new_ones(rows.shape[0], 1, 1)
+    row_terms = torch.cat([rows, rows.pow(2).sum(-1, keepdim=True), ones.expand(-1, rows.shape[1], 1)], dim=-1)
+    column_terms = torch.cat([columns * -2, ones.expand(-1, columns.shape[1], 1), columns.pow(2).sum(-1, keepdim=True)],
+                             dim=-1)
+    distances = torch.bmm(row_terms, column_terms.transpose(-1, -2)).clamp_min(SQUARED_DISTANCE_FLOOR).sqrt()
+    weights = PIECE_WEIGHTS
+    if len(weights) == 2 and weights[1] == -weights[0]:
+        kernel = (distances[0] - distances[1]) * weights[0]
+    else:
+        kernel = distances[0] * weights[0]
+        for piece, weight in zip(distances[1:], weights[1:]):
+            kernel = kernel + piece * weight
+    if mixture is None:
+        return kernel
+    z = kernel / mixture[1]
+    e = (z - z.amax(dim=0, keepdim=True).detach()).exp()  # the shift cancels in the softmax: no gradient through it
+    total = e.sum(dim=0, keepdim=True)
+    centred = (e - total / kernel.shape[0]) / total
+    return torch.addcmul(kernel, centred, mixture[0]) + mixture[2] / kernel.shape[1]

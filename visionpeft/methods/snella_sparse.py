@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from visionpeft.methods.snella_kernel import (PIECE_WEIGHTS, SQUARED_DISTANCE_FLOOR, KernelTerms, kernel_terms,
-                                             kernel_value)
+                                             kernel_value, traced_kernel_value)
 
 
 class TopSelection(NamedTuple):
@@ -193,3 +193,26 @@ class LinearKernelDelta(torch.autograd.Function):
             found = torch.autograd.grad(delta, trainable, grad_delta, allow_unused=True)
             grads = {id(leaf): g for leaf, g in zip(trainable, found)}
         return (grad_x, None, *(grads.get(id(leaf)) for leaf in leaves))
+
+
+def traced_top_mask(magnitude: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """The mask :func:`select_largest` gives (the ``budget`` largest entries, ties at the threshold kept in flat
+    order), from tensor operations only: no host sync and no branch on a value, so ``torch.compile`` traces it
+    into one graph, and a ``budget`` tensor (SNELLA's buffer) that changes does not recompile it."""
+    flat = magnitude.flatten()
+    descending = flat.sort(descending=True).values
+    threshold = descending.index_select(0, (budget - 1).clamp(0, flat.numel() - 1).view(1))  # the budget-th largest
+    above = flat > threshold
+    tied = flat == threshold
+    kept = above | (tied & (tied.cumsum(0) <= budget - above.sum()))
+    return kept.to(magnitude.dtype).view_as(magnitude)
+
+
+def traced_sparse_kernel(budget: torch.Tensor, in_pieces: torch.Tensor, out_pieces: torch.Tensor,
+                         mixture: torch.Tensor | None = None) -> torch.Tensor:
+    """:class:`SparseKernel`'s ΔW as stock differentiable operations, for ``torch.compile`` (which decides itself
+    what the backward keeps or recomputes): the same values, the same gradient."""
+    value = traced_kernel_value(in_pieces, out_pieces, mixture)
+    with torch.no_grad():
+        mask = traced_top_mask(value.abs(), budget)
+    return value * mask

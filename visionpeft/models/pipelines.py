@@ -1,15 +1,12 @@
-"""Stable Diffusion pipelines: a tiny one built from configs (tests, demos; no downloads), loading one from a
-local directory or a hub id, applying a saved visionpeft adapter, and sampling images.
-
-A saved pipeline adapter is a ``vp.save`` directory for the UNet, with the text encoder's adapter (when
-one was trained) in its subfolder ``text_encoder/``. It is written into a staging folder that replaces the target
-folder as a whole, and applied all or nothing (the UNet's adapter is removed again when the text encoder's fails).
+"""Diffusion pipelines: a tiny Stable Diffusion one built from configs (tests, demos; no downloads; the tiny SDXL, SD3
+and FLUX ones are in ``visionpeft.models.tiny_pipelines``), loading any supported pipeline from a local directory or
+a hub id, and sampling images. A pipeline's adapter folder (``save_pipeline_adapter``, ``apply_adapter``) is
+``visionpeft.models.pipeline_adapters``.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,11 +82,15 @@ def tiny_stable_diffusion(*, image_size: int = 32, prediction_type: str = "epsil
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-# --- loading, adapters, sampling ---------------------------------------------------------------------
+# --- loading, sampling --------------------------------------------------------------------------------
 def load_pipeline(pretrained: str, *, dtype: torch.dtype | None = None, revision: str | None = None,
                   variant: str | None = None):
-    """A ``StableDiffusionPipeline`` from a local directory (``save_pretrained``) or a hub id, with no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    """A supported pipeline (``visionpeft.models.pipeline_kinds.SUPPORTED``: SD-1.x/2.x, SDXL, SD3, FLUX) from a
+    local directory (``save_pretrained``) or a hub id; SD's safety checker is not loaded. The class named by the
+    folder's ``model_index.json`` is checked before any weight is read."""
+    from diffusers import DiffusionPipeline
+
+    from visionpeft.models.pipeline_kinds import kind_of
 
     if not isinstance(pretrained, str) or not pretrained:
         raise ValueError(f"pretrained={pretrained!r} must be a local pipeline directory or a hub id such as "
@@ -98,13 +99,20 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype | None = None, revision
     if local.exists() and not (local / "model_index.json").is_file():
         raise ValueError(f"pretrained={pretrained!r} is a path but not a diffusers pipeline directory "
                          f"(no model_index.json)")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {}
     if revision:
         kwargs["revision"] = revision
     if variant:
         kwargs["variant"] = variant
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(pretrained, **kwargs)
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+        try:
+            kind = kind_of(index.get("_class_name", "(none)"))
+        except ValueError as err:
+            raise ValueError(f"pretrained={pretrained!r}: {err}") from None
+        if kind.name == "sd":
+            kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+        pipeline = DiffusionPipeline.from_pretrained(pretrained, **kwargs)
     except OSError as err:
         if local.exists():
             raise
@@ -122,119 +130,41 @@ def cast_pipeline(pipeline, dtype: torch.dtype):
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} must be a torch.dtype such as torch.float16")
     for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
+        if isinstance(component, torch.nn.Module) and any(p.dtype != dtype for p in component.parameters()):
             component.to(dtype=dtype)
     return pipeline
 
 
-def has_text_encoder_adapter(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / TEXT_ENCODER_ADAPTER / "adapter.json").is_file()
+SAMPLERS = ("auto", "dpmsolver", "pipeline")
 
 
-def save_pipeline_adapter(pipeline_or_unet, directory: str | os.PathLike, text_encoder=None) -> Path:
-    """``vp.save`` of the UNet into ``directory`` and of the text encoder (if adapted) into ``directory/text_encoder``.
-
-    Both are written into a staging folder that then replaces ``directory`` as a whole, so nothing of an earlier
-    adapter saved there (e.g. its ``text_encoder/``) survives. An existing ``directory`` is replaced only when it
-    is empty or holds a saved pipeline adapter."""
-    from visionpeft.core import records
-
-    unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
-    text_encoder = text_encoder if text_encoder is not None else getattr(pipeline_or_unet, "text_encoder", None)
-    directory = Path(directory)
-    _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
-    try:
-        _save_adapters(unet, text_encoder if text_encoder is not None and records(text_encoder) else None, staging)
-        _replace_folder(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
-
-
-ADAPTER_ENTRIES = ("adapter.json", "adapter.safetensors", TEXT_ENCODER_ADAPTER)
-
-
-def _check_replaceable(directory: Path) -> None:
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise ValueError(f"cannot save the pipeline adapter into {str(directory)!r}: it exists and is not a folder")
-    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ADAPTER_ENTRIES and not p.name.startswith("."))
-    if foreign:
-        raise ValueError(f"cannot save the pipeline adapter into {str(directory)!r}: it holds {foreign[:5]}, which is "
-                         f"not a saved adapter (allowed: an empty folder or one with {', '.join(ADAPTER_ENTRIES)})")
-
-
-def _save_adapters(unet, text_encoder, folder: Path) -> None:
-    import visionpeft as vp
-
-    vp.save(unet, folder)
-    if text_encoder is not None:
-        vp.save(text_encoder, folder / TEXT_ENCODER_ADAPTER)
-
-
-def _replace_folder(staging: Path, directory: Path) -> None:
-    """Rename ``staging`` onto ``directory``; an existing ``directory`` is moved aside first and removed after."""
-    old = None
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-        os.replace(directory, old / directory.name)
-    try:
-        os.replace(staging, directory)
-    except BaseException:
-        if old is not None:
-            os.replace(old / directory.name, directory)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def apply_adapter(pipeline, directory: str | os.PathLike, *, merge: bool = False, scale: float = 1.0):
-    """Load a saved pipeline adapter into ``pipeline`` (``vp.load``). ``scale`` is the adapter strength; any strength
-    other than 1 is applied by merging (``vp.merge(model, scale)``), as is ``merge=True``. Returns ``pipeline``.
-    All or nothing: when the text encoder's adapter cannot be loaded, the UNet's is removed again."""
-    import visionpeft as vp
-    from visionpeft.io import read_config
-
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"scale={scale!r} must be a number (1.0: the adapter as trained)")
-    read_config(directory)  # both configs are checked before either model changes
-    with_text = has_text_encoder_adapter(directory)
-    if with_text:
-        read_config(Path(directory) / TEXT_ENCODER_ADAPTER)
-    models = [pipeline.unet] + ([pipeline.text_encoder] if with_text else [])
-    from visionpeft.core import adapters_rolled_back_on_error
-
-    with adapters_rolled_back_on_error(*models):
-        vp.load(pipeline.unet, directory)
-        if with_text:
-            vp.load(pipeline.text_encoder, Path(directory) / TEXT_ENCODER_ADAPTER)
-    if merge or scale != 1.0:
-        for model in models:
-            vp.merge(model, float(scale))
-    return pipeline
-
-
-def sampling_scheduler(pipeline, name: str = "dpmsolver"):
-    """The scheduler used for sampling: DPM-Solver++ multistep (DreamBooth's evaluation sampler) or the pipeline's own."""
+def sampling_scheduler(pipeline, name: str = "auto"):
+    """The scheduler used for sampling: DPM-Solver++ multistep (DreamBooth's evaluation sampler) for ε/v pipelines,
+    or the pipeline's own; ``auto`` is DPM-Solver++ for ε/v pipelines and the pipeline's own flow-matching
+    scheduler for SD3 and FLUX."""
     from diffusers import DPMSolverMultistepScheduler
 
-    if name == "pipeline":
+    from visionpeft.models.pipeline_kinds import kind_of
+
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+    kind = kind_of(pipeline)
+    if name == "pipeline" or (name == "auto" and kind.objective == "flow"):
         return pipeline.scheduler
-    if name == "dpmsolver":
-        return DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    raise ValueError(f"sampler {name!r} is unknown; allowed: dpmsolver, pipeline")
+    if kind.objective == "flow":
+        raise ValueError(f"sampler 'dpmsolver' is for ε/v pipelines; a {kind.pipeline_class} samples with its own "
+                         f"flow-matching scheduler (allowed: auto, pipeline)")
+    return DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
 
 
 @torch.no_grad()
 def generate(pipeline, prompts: Sequence[str], *, images_per_prompt: int = 1, steps: int = 25,
              guidance_scale: float = 7.5, seed: int = 0, size: int | None = None, batch_size: int = 4,
-             sampler: str = "dpmsolver") -> list:
-    """PIL images, ``images_per_prompt`` per prompt in prompt order, reproducible from ``seed``."""
+             sampler: str = "auto", progress: bool = False) -> list:
+    """PIL images, ``images_per_prompt`` per prompt in prompt order, reproducible from ``seed``. ``guidance_scale``
+    is classifier-free guidance, except on FLUX, whose transformer embeds it. ``progress``: a bar over the images."""
+    from tqdm.auto import tqdm
+
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings")
     for key, value in (("images_per_prompt", images_per_prompt), ("steps", steps), ("batch_size", batch_size)):
@@ -245,6 +175,7 @@ def generate(pipeline, prompts: Sequence[str], *, images_per_prompt: int = 1, st
     pipeline.scheduler = sampling_scheduler(pipeline, sampler)
     wanted = [p for p in prompts for _ in range(images_per_prompt)]
     images = []
+    bar = tqdm(total=len(wanted), desc="generate", unit="img", disable=not progress)
     try:
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start:start + batch_size]
@@ -252,17 +183,25 @@ def generate(pipeline, prompts: Sequence[str], *, images_per_prompt: int = 1, st
             result = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
                               generator=generators, output_type="pil")
             images.extend(result.images)
+            bar.update(len(chunk))
     finally:
         pipeline.scheduler = original
+        bar.close()
     return images
 
 
 def _image_size(pipeline, size: int | None) -> int:
-    """The side of the generated images: the pipeline's own (UNet sample size × VAE factor) for None."""
+    """The side of the generated images: the pipeline's own default (denoiser sample size × VAE factor) for None."""
+    from visionpeft.models.pipeline_kinds import denoiser
+
+    # FLUX packs 2×2 latent patches: its side must be a multiple of twice the VAE factor
+    multiple = 2 * pipeline.vae_scale_factor if type(pipeline).__name__ == "FluxPipeline" else 8
     if size is None:
-        return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8 or size % 8:
-        raise ValueError(f"size={size!r} must be a positive multiple of 8 (or None for the pipeline's own size)")
+        sample = getattr(denoiser(pipeline).config, "sample_size", None) or pipeline.default_sample_size
+        return sample * pipeline.vae_scale_factor
+    if not isinstance(size, int) or isinstance(size, bool) or size < multiple or size % multiple:
+        raise ValueError(f"size={size!r} must be a positive multiple of {multiple} for a {type(pipeline).__name__} "
+                         f"(or None for the pipeline's own size)")
     return size
 
 
@@ -287,3 +226,9 @@ def save_image(image, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# the pipeline's adapter folder (re-exported: its home is visionpeft.models.pipeline_adapters)
+from visionpeft.models.pipeline_adapters import (  # noqa: E402
+    ADAPTER_ENTRIES, apply_adapter, has_text_encoder_adapter, save_pipeline_adapter,
+)

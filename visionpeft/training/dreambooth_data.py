@@ -22,14 +22,31 @@ def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[P
                   and not p.name.startswith("."))
 
 
-def image_transform(resolution: int, center_crop: bool):
-    """DreamBooth's preprocessing: shorter side to ``resolution`` (bilinear), center or random square crop, [-1, 1]."""
-    from torchvision import transforms
+class CroppedImage:
+    """DreamBooth's preprocessing (shorter side to ``resolution``, bilinear; center or random square crop; [-1, 1])
+    that also reports what SDXL's micro-conditioning needs: the original size
+    (height, width) and the crop's top-left corner after the resize (as diffusers' SDXL script records them)."""
 
-    crop = transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution)
-    return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR), crop,
-        transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    def __init__(self, resolution: int, center_crop: bool) -> None:
+        from torchvision import transforms
+
+        self.resolution, self.center_crop = resolution, center_crop
+        self.resize = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        from torchvision import transforms
+        from torchvision.transforms import functional
+
+        original = (image.height, image.width)
+        image = self.resize(image)
+        size = self.resolution
+        if self.center_crop:
+            top, left = int(round((image.height - size) / 2.0)), int(round((image.width - size) / 2.0))
+        else:
+            top, left, _, _ = transforms.RandomCrop.get_params(image, (size, size))
+        pixels = self.to_tensor(functional.crop(image, top, left, size, size))
+        return {"pixels": pixels, "original_size": torch.tensor(original), "crop_top_left": torch.tensor((top, left))}
 
 
 def _load_rgb(path: Path):
@@ -50,16 +67,22 @@ class DreamBoothImages(Dataset):
                              f"{'/'.join(IMAGE_SUFFIXES)} file")
         self.instance_images = list(instance_images)
         self.class_images = list(class_images or [])
-        self.transform = image_transform(resolution, center_crop)
+        self.transform = CroppedImage(resolution, center_crop)
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"instance": self.transform(_load_rgb(self.instance_images[index % len(self.instance_images)]))}
+        """``instance`` (pixels), ``instance_original_size``, ``instance_crop_top_left``, and the same for ``class``."""
+        item = self._prepared("instance", self.instance_images[index % len(self.instance_images)])
         if self.class_images:
-            item["class"] = self.transform(_load_rgb(self.class_images[index % len(self.class_images)]))
+            item |= self._prepared("class", self.class_images[index % len(self.class_images)])
         return item
+
+    def _prepared(self, role: str, path: Path) -> dict[str, torch.Tensor]:
+        out = self.transform(_load_rgb(path))
+        return {role: out["pixels"], f"{role}_original_size": out["original_size"],
+                f"{role}_crop_top_left": out["crop_top_left"]}
 
 
 def _check_cache(index_file: Path, prompt: str, pretrained: str | None) -> str | None:
@@ -82,7 +105,7 @@ def _check_cache(index_file: Path, prompt: str, pretrained: str | None) -> str |
 
 
 def ensure_class_images(pipeline, class_dir: str | os.PathLike, prompt: str, count: int, *, steps: int,
-                        batch_size: int, guidance_scale: float, seed: int, sampler: str = "dpmsolver",
+                        batch_size: int, guidance_scale: float, seed: int, sampler: str = "auto",
                         size: int | None = None, progress: bool = False, pretrained: str | None = None) -> list[Path]:
     """The first ``count`` images of ``class_dir``, generating only the missing ones from ``prompt`` with the
     (frozen) ``pipeline``. The folder remembers its prompt and the model that made it (``pretrained``, the

@@ -1,4 +1,4 @@
-"""The files a run writes (summary, metrics, recipe, progress), each written atomically."""
+"""The files a run writes (summary, metrics, recipe, progress, curves), each written atomically."""
 from __future__ import annotations
 
 import csv
@@ -24,3 +24,22 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> Path:
             writer.writerows(rows)
 
     return atomic_write(path, write)
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Training loss and evaluation top-1 against the step, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot([r["step"] for r in history], [r["loss"] for r in history], color="tab:blue")
+    left.set(xlabel="step", ylabel="training loss", title="loss")
+    evaluated = [r for r in history if r["top1"] is not None]
+    right.plot([r["step"] for r in evaluated], [r["top1"] for r in evaluated], marker="o", color="tab:green")
+    right.set(xlabel="step", ylabel="top-1 (%)", title="evaluation")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -6,7 +6,26 @@
     data:     format (vtab1k | fgvc | imagefolder), root, task, splits, augmentation
     train:    epochs or steps, batch size, lr, weight decay and no-decay rules, warm-up, cosine schedule,
               precision, gradient accumulation, seed, eval interval, checkpoints, resume
-    output:   the run directory
+    output:   the run directory; ``{task}`` and ``{method}`` in it are filled in (the shipped recipes write to
+              ``runs/<benchmark>/<method>/{task}``, so runs of two tasks never share a folder)
+
+Units and modes of the keys that need them:
+
+- ``train.eval_interval`` counts epochs when ``train.epochs`` is set and steps when ``train.steps`` is set
+  (``train.eval_last``: also evaluate after each of the last N epochs).
+- ``train.checkpoint_interval``: ``eval`` (the default) writes a checkpoint at each evaluation, an int every
+  that many optimizer steps, null never; ``train.keep_checkpoints`` keeps the newest N (null: all). Ctrl-C
+  writes one too.
+- ``train.resume``: ``auto`` resumes the latest checkpoint of the same settings (a finished run is reported and
+  kept; other settings are refused, naming the keys that differ), ``never`` / ``restart`` / null start fresh,
+  a path resumes that checkpoint. See :mod:`visionpeft.training.checkpoints`.
+- ``train.precision``: ``no`` (YAML's unquoted no/off/false read as false are accepted), ``bf16``, ``fp16``,
+  or ``auto`` (the best for the device: bf16 or fp16 on a GPU, full precision on the CPU).
+- ``train.device``: ``auto``, ``cpu`` or ``cuda`` (an error where there is no GPU).
+- ``train.compile``: ``true`` runs the model through ``torch.compile`` (inductor; an error where it is missing).
+- ``data.alpha_holdout``: for ``adapter.method=alpha-lora``, the fraction of the training split held out for α's
+  bi-level step (its own Adam every ``adapter.options.alpha_every`` steps on a held-out batch;
+  :mod:`visionpeft.training.alpha_steps`); null trains α with the adapter.
 
 An unknown key, a missing required key or a value of the wrong type is a ValueError that names the
 dotted key and says what is allowed.
@@ -14,6 +33,7 @@ dotted key and says what is allowed.
 from __future__ import annotations
 
 import copy
+import string
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +69,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "eval_split": ((str,), "test"),
         "augmentation": ((str,), "none"),
         "num_workers": ((int,), 0),
+        "alpha_holdout": ((int, float, type(None)), None),
     },
     "train": {
         "epochs": ((int, type(None)), None),
@@ -68,10 +89,12 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "seed": ((int,), 0),
         "eval_interval": ((int,), 1),
         "eval_last": ((int,), 0),
-        "checkpoint_interval": ((int, type(None)), None),
+        "checkpoint_interval": ((int, str, type(None)), "eval"),
+        "keep_checkpoints": ((int, type(None)), 2),
         "resume": ((str, type(None)), None),
         "device": ((str,), "auto"),
         "log_interval": ((int,), 10),
+        "compile": ((bool,), False),
     },
     "output": ((str,), REQUIRED),
 }
@@ -79,12 +102,13 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
 CHOICES = {
     "data.format": ("vtab1k", "fgvc", "imagefolder"),
     "data.augmentation": ("none", "vpt", "ssf"),
-    "train.precision": ("no", "bf16", "fp16"),
+    "train.precision": ("no", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 BASELINES = ("full", "linear", "peft-lora")
-#: options of the baselines that take any: Hugging Face PEFT's LoRA, the outside peer
-BASELINE_OPTIONS = {"peft-lora": {"rank": (int,), "alpha": (int, float, type(None)), "dropout": (int, float)}}
+#: options of the baselines that take any: Hugging Face PEFT's LoRA, the outside peer (``use_dora``: PEFT's DoRA)
+BASELINE_OPTIONS = {"peft-lora": {"rank": (int,), "alpha": (int, float, type(None)), "dropout": (int, float),
+                                  "use_dora": (bool,)}}
 
 
 def _type_names(types: tuple) -> str:
@@ -106,9 +130,11 @@ def _coerce(value: Any, types: tuple) -> Any:
 
 def check_value(key: str, value: Any, types: tuple, choices: dict[str, tuple] = CHOICES) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    allowed = choices.get(key)
+    if not ok and allowed:
+        raise ValueError(f"recipe key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
     if not ok:
         raise ValueError(f"recipe key {key!r} must be {_type_names(types)}, got {value!r}")
-    allowed = choices.get(key)
     if allowed and value not in allowed:
         raise ValueError(f"recipe key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
 
@@ -126,6 +152,8 @@ def validate_schema(raw: Any, schema: dict[str, Any], choices: dict[str, tuple],
         types, default = spec
         if name in given:
             value = _coerce(given[name], types)
+            if value is False and "no" in choices.get(key, ()):  # YAML 1.1 reads an unquoted no / off as false
+                value = "no"
         elif default is REQUIRED:
             raise ValueError(f"{source}: missing required key {key}")
         else:
@@ -163,7 +191,23 @@ def validate(raw: Any, source: str = "recipe") -> dict[str, Any]:
     """A complete recipe (defaults filled in) from a parsed mapping; raises ValueError naming the key."""
     recipe = validate_schema(raw, SCHEMA, CHOICES, source)
     _check_semantics(recipe, source)
+    recipe["output"] = fill_output(recipe["output"], recipe, source)
     return recipe
+
+
+#: the placeholders ``output`` may hold
+OUTPUT_FIELDS = ("task", "method")
+
+
+def fill_output(template: str, recipe: dict[str, Any], source: str = "recipe") -> str:
+    """``output`` with ``{task}`` (the data.task, or the data.root folder's name) and ``{method}`` filled in."""
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    unknown = [n for n in names if n not in OUTPUT_FIELDS]
+    if unknown:
+        raise ValueError(f"{source}: output={template!r} names {{{unknown[0]}}}; it may hold "
+                         f"{', '.join('{' + f + '}' for f in OUTPUT_FIELDS)}")
+    task = recipe["data"]["task"] or Path(recipe["data"]["root"]).name
+    return template.format(task=task, method=recipe["adapter"]["method"])
 
 
 def _check_semantics(recipe: dict[str, Any], source: str) -> None:
@@ -171,9 +215,16 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
     if (train["epochs"] is None) == (train["steps"] is None):
         raise ValueError(f"{source}: give exactly one of train.epochs and train.steps "
                          f"(got epochs={train['epochs']!r}, steps={train['steps']!r})")
-    for key in ("epochs", "steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+    for key in ("epochs", "steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "keep_checkpoints"):
         if train[key] is not None and train[key] < 1:
             raise ValueError(f"{source}: train.{key}={train[key]!r} must be >= 1")
+    interval = train["checkpoint_interval"]
+    if (isinstance(interval, str) and interval != "eval") or (isinstance(interval, int) and interval < 1):
+        raise ValueError(f"{source}: train.checkpoint_interval={interval!r} must be 'eval' (at each evaluation), "
+                         f"a number of steps >= 1, or null (no checkpoints)")
+    if train["resume"] is not None and not train["resume"].strip():
+        raise ValueError(f"{source}: train.resume={train['resume']!r} must be auto, never, restart, null or the "
+                         f"path of a checkpoint")
     if train["lr"] <= 0:
         raise ValueError(f"{source}: train.lr={train['lr']!r} must be > 0")
     if train["grad_clip"] is not None and train["grad_clip"] <= 0:
@@ -190,6 +241,10 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             check_value(f"adapter.options.{key}", value, allowed[key])
             if key == "rank" and value < 1:
                 raise ValueError(f"{source}: adapter.options.rank={value!r} must be >= 1")
+    holdout = recipe["data"]["alpha_holdout"]
+    if holdout is not None and (method != "alpha-lora" or not 0 < holdout < 1):
+        raise ValueError(f"{source}: data.alpha_holdout={holdout!r} must be a fraction in (0, 1) of the training split, "
+                         f"held out for the bi-level step of adapter.method=alpha-lora (got method {method!r})")
     if recipe["data"]["format"] == "vtab1k" and not recipe["data"]["task"]:
         raise ValueError(f"{source}: data.task is required for data.format=vtab1k (e.g. cifar, dtd, ...)")
 
