@@ -1,4 +1,4 @@
-"""The ``visionpeft`` command line: train, eval, sweep, generate, methods."""
+"""The ``visionpeft`` command line: train, eval, sweep, generate, methods, targets."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace) -> int:
+    """What targets=None (or --targets) would adapt on a timm model built with pretrained=False."""
+    from collections import Counter
+
+    import timm
+
+    from visionpeft.targeting import resolve_targets
+
+    try:
+        model = timm.create_model(args.model, pretrained=False)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ValueError(f"{args.model!r} is not a timm model name ({err}); list them with timm.list_models()") from None
+    spec = None
+    if args.targets:
+        spec = args.targets[0] if len(args.targets) == 1 and args.targets[0] == "all" else list(args.targets)
+    if args.regex:
+        spec = args.regex
+    chosen = resolve_targets(model, spec)
+    kinds: Counter = Counter()
+    weights = 0
+    for target in chosen:
+        for slot in target.slots:
+            print(f"{target.name}:{slot}")
+            kinds[target.kind.name] += 1
+            weights += target.kind.read(target.module, slot).numel()
+    total = sum(p.numel() for p in model.parameters())
+    by_kind = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    print(f"{sum(kinds.values())} slots in {len(chosen)} layers ({by_kind}); {weights:,} of {total:,} weights "
+          f"({100 * weights / total:.1f}%) in adapted layers")
+    return 0
+
+
 class _TasksAction(argparse.Action):
     """``--tasks a b key=value``: the words with ``=`` are overrides, not task names."""
 
@@ -159,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="weights of the pipeline (adapters keep float32 parameters)")
     gen.set_defaults(run=_generate)
+    shown = commands.add_parser("targets", help="the layers targets=None (or --targets) adapts on a timm model")
+    shown.add_argument("model", help="a timm model name, built with pretrained=False")
+    shown.add_argument("--targets", nargs="+", default=None, help="module names (exact or dotted suffix), or all")
+    shown.add_argument("--regex", default=None, help="a regular expression, full match on the qualified name")
+    shown.set_defaults(run=_targets)
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (e.g. after --quiet) land here
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):

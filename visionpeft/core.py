@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from visionpeft.layers import direct_reads
 from visionpeft.layers.adapted import AdaptedLayer, adapt, is_adapted, restore
 from visionpeft.layers.kinds import ParametersKind, Slot
 from visionpeft.layers.quantized import quantized_storage, requantization_summary
@@ -195,6 +196,7 @@ def install(model: nn.Module, plan: Plan) -> None:
             layer.vp_set_inactive(layer._vp_inactive | {plan.record.name})
     model.__dict__.setdefault(RECORDS_ATTR, {})[plan.record.name] = plan.record
     apply_trainability(model)
+    direct_reads.track(model)
 
 
 def apply_trainability(model: nn.Module) -> None:
@@ -266,6 +268,7 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
                 for adapter in reversed(list(layer._vp_merged)):  # last merge first: a quantized layer restores exactly
                     layer.vp_unmerge(adapter)
             restore(layer)
+    direct_reads.track(model)
     trainable = model.__dict__.pop(TRAINABLE_BEFORE_ATTR, None)
     if trainable is not None:
         for param_name, param in model.named_parameters():
@@ -291,6 +294,7 @@ def discard_adapters(model: nn.Module, names) -> None:
             layer.vp_set_inactive(layer._vp_inactive - {name})
         if not len(layer.vp_adapters):
             restore(layer)
+    direct_reads.track(model)
     for name in names:
         records(model).pop(name, None)
 

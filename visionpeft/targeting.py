@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from visionpeft.families import detect_family, family_names
+from visionpeft.families import find_rule, preset, rule_names
 from visionpeft.layers.adapted import ADAPTERS_ATTR, is_adapted, layer_kind
 from visionpeft.layers.kinds import KINDS, PARAMETERS_KIND, LayerKind, ParametersKind, WeightKind
 from visionpeft.methods.base import Method
@@ -66,15 +66,7 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[Target]:
         return _all_parameters(modules)
     _refuse_all_parameter_layers(modules)
     if targets is None:
-        family = detect_family(model)
-        if family is None:
-            raise ValueError(
-                f"targets=None needs a known model family, and {type(model).__name__} is not one; known families: "
-                f"{', '.join(family_names())}. Pass targets= a list of module names, a regex or a module class."
-            )
-        chosen = [n for n, m in modules.items() if family.targets(n) and isinstance(layer_kind(m), _PRESET_KINDS)]
-        if not chosen:
-            raise ValueError(f"the {family.name} preset matched no adaptable layer in {type(model).__name__}")
+        chosen = _preset(model, modules)
     elif isinstance(targets, str):
         try:
             regex = re.compile(targets)
@@ -100,6 +92,34 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[Target]:
             f"a regular expression string, a module class or a list of classes"
         )
     return _to_targets(modules, chosen, targets)
+
+
+def _preset(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The default targets of the rule that covers ``model``; a clear error where none does."""
+    rule = find_rule(model)
+    cls = type(model).__name__
+    if rule is None:
+        raise ValueError(
+            f"targets=None: no default-target rule covers {cls} (rules: {'; '.join(rule_names())}). Name the layers "
+            f"to adapt, e.g. targets={_first_layers(modules)!r}, or pass a regular expression or a module class")
+    chosen = preset(model, rule, list(modules), lambda n: isinstance(layer_kind(modules[n]), _PRESET_KINDS))
+    if not chosen:
+        raise ValueError(
+            f"targets=None: the {rule.name} rule finds no repeated block with adaptable layers in {cls}. Name the "
+            f"layers to adapt, e.g. targets={_first_layers(modules)!r}, or pass a regular expression or a module class")
+    return chosen
+
+
+def _first_layers(modules: dict[str, nn.Module], limit: int = 3) -> list[str]:
+    """The model's own first few Linear / Conv names (leaf names where those are unambiguous)."""
+    names = [n for n, m in modules.items() if n and isinstance(layer_kind(m), _PRESET_KINDS)]
+    return names[:limit]
+
+
+def targets(model: nn.Module, targets: Any = None) -> list[str]:
+    """Dry run: ``layer:slot`` for every weight slot that ``attach(model, ..., targets=targets)`` would adapt,
+    in model order. Changes nothing; raises the ValueError that attach would raise."""
+    return [f"{t.name}:{slot}" for t in resolve_targets(model, targets) for slot in t.slots]
 
 
 def _all_parameters(modules: dict[str, nn.Module]) -> list[Target]:

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from visionpeft.layers import direct_reads
 from visionpeft.layers.kinds import REBUILD_ATTR, LayerKind, Slot, kind_of
 
 ADAPTERS_ATTR = "vp_adapters"
@@ -65,17 +66,30 @@ class AdaptedLayer:
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._vp_route is not None:
-            return self._vp_route.run(self, args, kwargs)
-        if self._vp_disabled:
-            return self._vp_base_class.forward(self, *args, **kwargs)
-        names = [name for name in self.vp_adapters if name not in self._vp_merged and name not in self._vp_inactive]
-        out = self.vp_forward(args, kwargs, names)
-        if self._vp_merged and torch.is_grad_enabled() and isinstance(out, torch.Tensor):
+        state = self.__dict__
+        state[direct_reads.OWN_ATTR] = state.get(direct_reads.OWN_ATTR, 0) + 1
+        try:
+            if self._vp_route is not None:
+                return self._vp_route.run(self, args, kwargs)
+            if self._vp_disabled:
+                return self._vp_base_class.forward(self, *args, **kwargs)
+            names = [name for name in self.vp_adapters if name not in self._vp_merged and name not in self._vp_inactive]
+            out = self.vp_forward(args, kwargs, names)
+        finally:
+            state[direct_reads.OWN_ATTR] -= 1
+        if self._vp_route is None and not self._vp_disabled and self._vp_merged and torch.is_grad_enabled() \
+                and isinstance(out, torch.Tensor):
             merged = [p for name in self._vp_merged for p in self.vp_adapters[name].parameters() if p.requires_grad]
             if merged:  # their gradient would be silently lost: say so at backward
                 out = _MergedGuard.apply(out, sorted(self._vp_merged), *merged)
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        # an enclosing forward reading a slot's weight directly gets W + ΔW (layers/direct_reads.py)
+        value = super().__getattr__(name)
+        if direct_reads.read_from_outside(self, name):
+            return direct_reads.carried_weight(self, name, value)
+        return value
 
     def vp_forward(self, args: tuple, kwargs: dict, names: list[str]) -> Any:
         """The forward with exactly the (unmerged) adapters ``names`` applied."""
@@ -220,6 +234,7 @@ def adapt(module: nn.Module, kind: LayerKind, slots: dict[str, Slot]) -> Adapted
         module.add_module(ADAPTERS_ATTR, nn.ModuleDict())
     else:
         module._vp_slots.update(slots)
+    module.__dict__[direct_reads.DIRECT_ATTR] = direct_reads.direct_slots(module, kind, module._vp_slots)
     return module
 
 
@@ -227,7 +242,8 @@ def restore(module: AdaptedLayer) -> nn.Module:
     """Back to the original class, with no adapters; the weights are left as they are."""
     base = module._vp_base_class
     del module._modules[ADAPTERS_ATTR]
-    for attr in ("_vp_kind", "_vp_slots", "_vp_merged", "_vp_premerge", "_vp_inactive", "_vp_disabled", "_vp_route"):
+    for attr in ("_vp_kind", "_vp_slots", "_vp_merged", "_vp_premerge", "_vp_inactive", "_vp_disabled", "_vp_route",
+                 direct_reads.DIRECT_ATTR, direct_reads.OWN_ATTR):
         module.__dict__.pop(attr, None)
     module.__class__ = base
     return module

@@ -77,6 +77,13 @@ class AlphaLoRA(NormalizedLowRank):
         rows = merged.reshape(merged.shape[0], -1).float() - scale * self.low_rank().float()
         return (rows / (1 + scale * (self.base_scale.float() - 1))[:, None]).view(self.slot_shape)
 
+    def effective_bias(self, bias: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """The bias as the activation path applies it (b ⊙ α), for a layer whose weight and bias an enclosing module
+        reads directly (layers/direct_reads.py)."""
+        if not (self.scale_bias and self.uses_activation_path(slot)):
+            return bias
+        return bias * self.base_scale.to(bias.dtype)
+
     @torch.no_grad()
     def folded_bias(self, bias: torch.Tensor, slot: Slot, scale: float, merge: bool) -> torch.Tensor:
         """The bias after merging (b ⊙ (1 + scale·(α − 1))) or unmerging (b as it was before the merge)."""
