@@ -64,7 +64,7 @@ def test_methods_lists_lora():
     (dict(method="lora", targets="("), "not a valid regular expression"),
     (dict(method="lora", targets=nn.GRU), "GRU"),
     (dict(method="lora", targets=[1, 2]), "is not valid"),
-    (dict(method="lora", targets=None), "known model family"),
+    (dict(method="lora", targets=None), "no default-target rule covers"),
     (dict(method="lora", targets=["fc"], unfreeze=["hed"]), "unfreeze entry 'hed'"),
     (dict(method="lora", targets=["fc"], name="my adapter"), "adapter name 'my adapter'"),
 ])
