@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -58,3 +59,14 @@ class Wrap(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.layer(*args, **kwargs)
+
+
+def squares(n, seed, classes=4):
+    """n 32 px uint8 images of class i % classes: a yellow square in the class's quadrant on dark noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
+    labels = [i % classes for i in range(n)]
+    for image, label in zip(images, labels):
+        y, x = divmod(label, 2)
+        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
+    return list(images), labels

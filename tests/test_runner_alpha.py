@@ -2,7 +2,6 @@
 ``alpha_every`` steps on held-out batches."""
 import csv
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,16 +10,7 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.methods.alpha_lora import alpha_parameters
 from visionpeft.training import runner
 from visionpeft.training.recipe import validate
-
-
-def squares(n, seed, classes=4):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
-    labels = [i % classes for i in range(n)]
-    for image, label in zip(images, labels):
-        y, x = divmod(label, 2)
-        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
-    return list(images), labels
+from conftest import squares
 
 
 def raw_recipe(root, output, holdout=0.25, **options):

@@ -7,7 +7,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,16 +14,7 @@ import yaml
 from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import launch
 from visionpeft.training.recipe import validate
-
-
-def squares(n, seed, classes=4):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
-    labels = [i % classes for i in range(n)]
-    for image, label in zip(images, labels):
-        y, x = divmod(label, 2)
-        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
-    return list(images), labels
+from conftest import squares
 
 
 def raw_recipe(root, output, **train):

@@ -2,9 +2,7 @@
 training merged adapters, training-only throughput, silenced bars, and where the outputs went."""
 import csv
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,16 +13,7 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import recipe as recipe_module
 from visionpeft.training import runner
 from visionpeft.training.recipe import apply_overrides, validate
-
-
-def squares(n, seed, classes=4):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
-    labels = [i % classes for i in range(n)]
-    for image, label in zip(images, labels):
-        y, x = divmod(label, 2)
-        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
-    return list(images), labels
+from conftest import squares
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,10 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import train
 from visionpeft.training.recipe import load_recipe, validate
 from visionpeft.training.schedule import updates_per_epoch
+from conftest import squares
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "visionpeft.cli"]
-
-
-def squares(n, seed, classes=4):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
-    labels = [i % classes for i in range(n)]
-    for image, label in zip(images, labels):
-        y, x = divmod(label, 2)
-        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
-    return list(images), labels
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,13 @@
 """Sweeps: reuse only a finished run of the same settings (and say so), overrides anywhere on the command line,
 and the generated tasks of a root (those with a task.json)."""
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from visionpeft.cli import main
 from visionpeft.data.writers import write_vtab_task
-
-
-def squares(n, seed, classes=4):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
-    labels = [i % classes for i in range(n)]
-    for image, label in zip(images, labels):
-        y, x = divmod(label, 2)
-        image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
-    return list(images), labels
+from conftest import squares
 
 
 @pytest.fixture(scope="module")
