@@ -85,7 +85,7 @@ def main() -> None:
         for label, model in configs.items():
             times[label].append(_time(model, inputs[label], args.iters))
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"| configuration | step (ms) | ratio |\n|---|---|---|")
+    print("| configuration | step (ms) | ratio |\n|---|---|---|")
     for label, reference in (("tracking", "untracked"), ("untracked", "untracked"), ("carried", "called"),
                              ("called", "called")):
         print(f"| {label} | {1000 * median[label]:.2f} | {median[label] / median[reference]:.3f} |")

@@ -123,17 +123,6 @@ def _unet(sdxl=False):
     return model, inputs, never
 
 
-def _sd3():
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
-    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
-              "pooled_projections": torch.randn(2, 8), "timestep": torch.tensor([10, 500])}
-    return model, inputs, ["pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out"]
-
-
 def _flux():
     from diffusers import FluxTransformer2DModel
 
