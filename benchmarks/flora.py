@@ -185,7 +185,7 @@ def pointwise_benchmark(repeats: int = 30, rank: int = 8) -> str:
     lowrank = importlib.import_module("visionpeft.methods.lowrank")
     lines = [f"{machine('cpu')}", "",
              "| input (N, C, H, W) | conv forward (ms) | conv backward (ms) | bmm forward (ms) | bmm backward (ms) "
-             f"| speed-up, forward + backward |", "|---|---:|---:|---:|---:|---:|"]
+             "| speed-up, forward + backward |", "|---|---:|---:|---:|---:|---:|"]
     for shape in [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4), (1, 320, 64, 64),
                   (8, 64, 56, 56), (8, 256, 56, 56), (8, 1024, 14, 14)]:
         x, weight = torch.randn(shape), torch.randn(shape[1], rank)
