@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 CLI = ["-m", "visionpeft.cli", "train"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29573"]
+# --multi_gpu: accelerate's multi-process launcher; without a GPU the processes join one CPU job over gloo
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29573"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 
 
@@ -107,8 +108,8 @@ def test_a_sharded_run_stopped_by_ctrl_c_resumes_to_the_one_process_adapter(vtab
 
 
 def test_sara_sharded_under_accelerate_launch_equals_one_process(vtab_root, tmp_path):
-    raw = raw_recipe(vtab_root, tmp_path / "sharded", method="sara", options={"density": 0.05}, steps=4,
-                     eval_interval=4)
+    raw = raw_recipe(vtab_root, tmp_path / "sharded", method="sara", options={"density": 0.05}, steps=3,
+                     eval_interval=3)
     path = write(tmp_path, "sara", raw)
     done = subprocess.run(ACCELERATE + CLI + [str(path), "train.fsdp=true", "--quiet"], env=ENV,
                           capture_output=True, text=True, timeout=300)
