@@ -9,8 +9,8 @@ around the root's forward, as accelerate does for a model it prepares.
 
 A checkpoint holds, beside accelerate's scheduler and RNG state, the trained state gathered whole
 (:data:`MODEL_FILE`: the tensors a non-sharded checkpoint keeps, see ``checkpoints.trained_state_keys``) and the
-optimizer's state keyed by parameter name (:data:`OPTIMIZER_FILE`), both written by rank 0. Whole tensors do not
-depend on how many processes wrote them, so a checkpoint resumes on any number of processes >= 2.
+optimizer's state keyed by parameter name (:data:`OPTIMIZER_FILE`), both written by rank 0: whole tensors, whatever
+the number of processes that wrote them.
 """
 from __future__ import annotations
 
