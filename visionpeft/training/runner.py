@@ -31,7 +31,7 @@ from visionpeft.training.backbone import (  # noqa: F401  (re-exported: the runn
 from visionpeft.training.checkpoints import CHECKPOINTS, latest_checkpoint  # noqa: F401
 from visionpeft.training.interrupt import StopRequest, TrainingInterrupted, resume_hint
 from visionpeft.training.launch import make_accelerator, peak_memory_mb, progress_enabled, runner_shards  # noqa: F401
-from visionpeft.training.outputs import plot_curves, write_csv, write_json  # noqa: F401
+from visionpeft.training.outputs import plot_curves, save_trained, write_csv, write_json  # noqa: F401
 from visionpeft.training.recipe import BASELINES
 from visionpeft.training.schedule import EpochOrder, check_batch_fits, lr_lambda, updates_per_epoch  # noqa: F401
 
@@ -246,30 +246,6 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
 
 def alpha_run(history: list[dict]) -> bool:
     return bool(history) and "alpha_loss" in history[0]
-
-
-def save_trained(model: nn.Module, recipe: dict[str, Any], output: Path, accelerator) -> None:
-    """The adapter (``vp.save``), or a baseline's trained tensors, into ``output/adapter``. Called on every process:
-    a sharded model's tensors are gathered by all of them and written by rank 0; otherwise the main process writes."""
-    from visionpeft.distributed import any_sharded, gathered, written_on_rank_zero
-
-    sharded = any_sharded(dict(model.named_parameters()))
-    if not sharded and not accelerator.is_main_process:
-        return
-    if recipe["adapter"]["method"] not in BASELINES:
-        vp.save(model, output / "adapter")
-        return
-    from safetensors.torch import save_file
-
-    from visionpeft.io import atomic_write
-
-    tensors = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
-
-    def write() -> None:
-        (output / "adapter").mkdir(exist_ok=True)
-        atomic_write(output / "adapter" / "trained.safetensors", lambda tmp: save_file(tensors, tmp))
-
-    written_on_rank_zero(sharded, write)
 
 
 def finish(recipe: dict[str, Any], output: Path, history: list, best: float | None, trainable: int,
