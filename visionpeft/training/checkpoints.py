@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visionpeft.training.outputs import write_json
 
@@ -152,9 +152,11 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, output: Path, progress: dict[str, Any], keep: int | None) -> Path:
+def save_checkpoint(accelerator, output: Path, progress: dict[str, Any], keep: int | None,
+                    also: Callable[[Path], None] | None = None) -> Path:
     """accelerate's state plus ``progress`` (step, history, fingerprint, ...), written to a temporary folder and
-    renamed into place; then all but the newest ``keep`` checkpoints are removed (None keeps all)."""
+    renamed into place; then all but the newest ``keep`` checkpoints are removed (None keeps all). ``also(folder)``,
+    called on every process, writes more into the temporary folder (the state of a model accelerate does not hold)."""
     step = progress["step"]
     final = output / CHECKPOINTS / f"step_{step}"
     staging = output / CHECKPOINTS / f".step_{step}.tmp"
@@ -162,6 +164,8 @@ def save_checkpoint(accelerator, output: Path, progress: dict[str, Any], keep: i
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if also is not None:
+        also(staging)
     if accelerator.is_main_process:
         write_json(staging / "progress.json", progress)
         if final.exists():
@@ -176,15 +180,21 @@ def save_checkpoint(accelerator, output: Path, progress: dict[str, Any], keep: i
     return final
 
 
+def trained_state_keys(model, state) -> set[str]:
+    """The keys of ``state`` (the model's state dict) a checkpoint keeps: the trainable parameters, the buffers and
+    every adapter tensor; the frozen base is rebuilt identically from the recipe (seeded)."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep |= {name for name, _ in model.named_buffers()}
+    return {key for key in state if key in keep or ".vp_adapters." in f".{key}"}
+
+
 def keep_trainable_state(accelerator) -> None:
-    """Checkpoints hold what training changes: each model's trainable parameters, its buffers and every adapter
-    tensor; the frozen base is rebuilt identically from the recipe (seeded), so a checkpoint of a ViT-B adapter
-    is megabytes, not the backbone. Load with ``accelerator.load_state(path, strict=False)``."""
+    """Checkpoints hold what training changes (:func:`trained_state_keys`), so a checkpoint of a ViT-B adapter is
+    megabytes, not the backbone. Load with ``accelerator.load_state(path, strict=False)``."""
     def hook(models, weights, _output_dir) -> None:
         for model, state in zip(models, weights):
-            keep = {name for name, p in model.named_parameters() if p.requires_grad}
-            keep |= {name for name, _ in model.named_buffers()}
-            for key in [k for k in state if k not in keep and ".vp_adapters." not in f".{k}"]:
+            keep = trained_state_keys(model, state)
+            for key in [k for k in state if k not in keep]:
                 del state[key]
 
     accelerator.register_save_state_pre_hook(hook)

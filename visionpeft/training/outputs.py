@@ -1,4 +1,4 @@
-"""The files a run writes (summary, metrics, recipe, progress, curves), each written atomically."""
+"""The files a run writes (the adapter, summary, metrics, recipe, progress, curves), each written atomically."""
 from __future__ import annotations
 
 import csv
@@ -43,3 +43,27 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def save_trained(model, recipe: dict[str, Any], output: Path, accelerator) -> None:
+    """The adapter (``vp.save``), or a baseline's trained tensors, into ``output/adapter``. Called on every process:
+    a sharded model's tensors are gathered by all of them and written by rank 0; otherwise the main process writes."""
+    import visionpeft as vp
+    from visionpeft.distributed import any_sharded, gathered, written_on_rank_zero
+    from visionpeft.training.recipe import BASELINES
+
+    sharded = any_sharded(dict(model.named_parameters()))
+    if not sharded and not accelerator.is_main_process:
+        return
+    if recipe["adapter"]["method"] not in BASELINES:
+        vp.save(model, output / "adapter")
+        return
+    from safetensors.torch import save_file
+
+    tensors = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
+
+    def write() -> None:
+        (output / "adapter").mkdir(exist_ok=True)
+        atomic_write(output / "adapter" / "trained.safetensors", lambda tmp: save_file(tensors, tmp))
+
+    written_on_rank_zero(sharded, write)

@@ -23,6 +23,8 @@ Units and modes of the keys that need them:
   or ``auto`` (the best for the device: bf16 or fp16 on a GPU, full precision on the CPU).
 - ``train.device``: ``auto``, ``cpu`` or ``cuda`` (an error where there is no GPU).
 - ``train.compile``: ``true`` runs the model through ``torch.compile`` (inductor; an error where it is missing).
+- ``train.fsdp``: ``true`` shards the adapted model with FSDP2 under a distributed launch of 2 or more processes
+  (torchrun or ``accelerate launch``; GPUs or the CPU over gloo): :mod:`visionpeft.training.fsdp`.
 - ``data.alpha_holdout``: for ``adapter.method=alpha-lora``, the fraction of the training split held out for α's
   bi-level step (its own Adam every ``adapter.options.alpha_every`` steps on a held-out batch;
   :mod:`visionpeft.training.alpha_steps`); null trains α with the adapter.
@@ -95,6 +97,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "device": ((str,), "auto"),
         "log_interval": ((int,), 10),
         "compile": ((bool,), False),
+        "fsdp": ((bool,), False),
     },
     "output": ((str,), REQUIRED),
 }

@@ -6,7 +6,8 @@ evaluates, checkpoints atomically (at each evaluation by default; :mod:`~visionp
 whether to resume, reuse a finished run or start fresh, by the run's fingerprint; a resumed run ends with the same
 weights as an uninterrupted one), stops cleanly on Ctrl-C, and writes ``metrics.csv``, ``summary.json``,
 ``curves.png`` and the adapter (``vp.save``) into the output directory. ``train.batch_size`` is the global batch:
-with several processes each gets its share of every batch (accelerate's ``split_batches``).
+with several processes each gets its share of every batch (accelerate's ``split_batches``). With ``train.fsdp``
+the model is sharded with FSDP2 after the adapter is attached (:mod:`~visionpeft.training.fsdp`).
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ from torch.utils.data import DataLoader, Dataset
 
 import visionpeft as vp
 from visionpeft.data import build_dataset, build_transform
-from visionpeft.training import checkpoints
+from visionpeft.training import checkpoints, fsdp
 from visionpeft.training.alpha_steps import AlphaSteps, split_holdout
 from visionpeft.training.backbone import (  # noqa: F401  (re-exported: the runner's public helpers)
     TINY_PREFIX, apply_adapter, attach_peft_lora, build_model, compile_model, head_name, load_checkpoint, param_groups,
 )
 from visionpeft.training.checkpoints import CHECKPOINTS, latest_checkpoint  # noqa: F401
 from visionpeft.training.interrupt import StopRequest, TrainingInterrupted, resume_hint
-from visionpeft.training.launch import make_accelerator, peak_memory_mb, progress_enabled  # noqa: F401
-from visionpeft.training.outputs import plot_curves, write_csv, write_json  # noqa: F401
+from visionpeft.training.launch import make_accelerator, peak_memory_mb, progress_enabled, runner_shards  # noqa: F401
+from visionpeft.training.outputs import plot_curves, save_trained, write_csv, write_json  # noqa: F401
 from visionpeft.training.recipe import BASELINES
 from visionpeft.training.schedule import EpochOrder, check_batch_fits, lr_lambda, updates_per_epoch  # noqa: F401
 
@@ -81,7 +82,8 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     cfg = recipe["train"]
     output = Path(recipe["output"])
     decision = checkpoints.plan(recipe)  # before anything in the output folder changes
-    accelerator = make_accelerator(recipe)
+    sharded = runner_shards(recipe)
+    accelerator = make_accelerator(recipe, shards=sharded)
     if decision.action == "finished":
         accelerator.print(decision.message)
         return decision.summary
@@ -93,8 +95,12 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     check_batch_fits(len(train_set), cfg["batch_size"], describe_data(recipe["data"]))
     if cfg["batch_size"] % accelerator.num_processes:
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be divisible by the {accelerator.num_processes} processes")
-    model = apply_adapter(build_model(recipe, train_set.num_classes), recipe["adapter"])
+    model = build_model(recipe, train_set.num_classes)
+    units = fsdp.shard_units(model) if sharded else []
+    model = apply_adapter(model, recipe["adapter"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if sharded:  # after attach, before the optimizer: the parameters become DTensors
+        model = fsdp.shard(model, units, accelerator.device, accelerator.mixed_precision)
     alpha = None if holdout is None else AlphaSteps(model, holdout, recipe["adapter"]["options"], cfg["batch_size"],
                                                     cfg["seed"])
     groups = param_groups(model, cfg["weight_decay"], cfg["no_decay"], exclude=alpha.ids() if alpha else ())
@@ -119,16 +125,24 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     warmup_steps = int(round(cfg["warmup_epochs"] * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], warmup_steps, total_steps))
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    if sharded:  # accelerate never wraps the sharded model, nor holds its optimizer (fsdp.py says why)
+        train_loader, eval_loader, scheduler = accelerator.prepare(train_loader, eval_loader, scheduler)
+    else:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler)
     if alpha is not None:
         alpha.optimizer = accelerator.prepare(alpha.optimizer)
     checkpoints.keep_trainable_state(accelerator)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
+    def save_sharded(folder: Path) -> None:
+        fsdp.save_state(raw_model, optimizer, folder, checkpoints.trained_state_keys(raw_model, raw_model.state_dict()))
+
     step, history, best = 0, [], None
     if decision.action == "resume":
         accelerator.load_state(str(decision.checkpoint), strict=False)
+        if sharded:
+            fsdp.load_state(raw_model, optimizer, decision.checkpoint)
         state = decision.progress()
         step, history, best = state["step"], state["history"], state["best_top1"]
     if cfg["resume"] not in checkpoints.FRESH_MODES:
@@ -138,7 +152,8 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
 
     def save(at_step: int) -> Path:
         progress_state = {"step": at_step, "history": history, "best_top1": best, "fingerprint": fingerprint}
-        return checkpoints.save_checkpoint(accelerator, output, progress_state, cfg["keep_checkpoints"])
+        return checkpoints.save_checkpoint(accelerator, output, progress_state, cfg["keep_checkpoints"],
+                                           also=save_sharded if sharded else None)
 
     eval_every = cfg["eval_interval"] * (per_epoch if cfg["epochs"] else 1)
     epochs_total = -(-total_steps // per_epoch)
@@ -163,13 +178,16 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                             loss = (F.cross_entropy(logits, labels, label_smoothing=cfg["label_smoothing"])
                                     + vp.regularization(raw_model))
                             accelerator.backward(loss)
-                            if accelerator.sync_gradients and cfg["grad_clip"]:
-                                accelerator.clip_grad_norm_(clipped, cfg["grad_clip"])
-                            optimizer.step()
+                            # stepped here only at the end of an accumulation (a prepared optimizer would skip the
+                            # others itself; the sharded run's optimizer is not prepared)
                             if accelerator.sync_gradients:
+                                if cfg["grad_clip"]:
+                                    accelerator.clip_grad_norm_(clipped, cfg["grad_clip"])
+                                optimizer.step()
                                 vp.step(raw_model, step + 1, total_steps)  # after the update, before grads are cleared
                             scheduler.step()
-                            optimizer.zero_grad(set_to_none=True)
+                            if accelerator.sync_gradients:
+                                optimizer.zero_grad(set_to_none=True)
                         window_loss.append(accelerator.gather(loss.detach()[None]).mean().item())
                         window_images += images.shape[0] * accelerator.num_processes
                         if not accelerator.sync_gradients:
@@ -218,9 +236,10 @@ def train(recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         finally:
             bar.close()
     accelerator.wait_for_everyone()
+    save_trained(raw_model, recipe, output, accelerator)  # every process: a sharded model is gathered
     summary = {}
     if accelerator.is_main_process:
-        summary = finish(raw_model, recipe, output, history, best, trainable, step_times, accelerator)
+        summary = finish(recipe, output, history, best, trainable, step_times, accelerator, sharded)
     accelerator.wait_for_everyone()
     return summary
 
@@ -229,19 +248,9 @@ def alpha_run(history: list[dict]) -> bool:
     return bool(history) and "alpha_loss" in history[0]
 
 
-def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list, best: float | None,
-           trainable: int, step_times: list[float], accelerator) -> dict[str, Any]:
+def finish(recipe: dict[str, Any], output: Path, history: list, best: float | None, trainable: int,
+           step_times: list[float], accelerator, sharded: bool = False) -> dict[str, Any]:
     method = recipe["adapter"]["method"]
-    if method in BASELINES:
-        from safetensors.torch import save_file
-
-        from visionpeft.io import atomic_write
-
-        (output / "adapter").mkdir(exist_ok=True)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        atomic_write(output / "adapter" / "trained.safetensors", lambda tmp: save_file(tensors, tmp))
-    else:
-        vp.save(model, output / "adapter")
     evaluated = [r for r in history if r["top1"] is not None]
     fields = ["step", "epoch", "loss", "lr", "images_per_s", "top1"] + (["alpha_loss"] if alpha_run(history) else [])
     write_csv(output / "metrics.csv", history, fields)
@@ -255,6 +264,7 @@ def finish(model: nn.Module, recipe: dict[str, Any], output: Path, history: list
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "steps": history[-1]["step"] if history else 0,
         "processes": accelerator.num_processes,
+        "fsdp": sharded,
         "output": str(output),
         "fingerprint": checkpoints.fingerprint(recipe),
     }
