@@ -4,9 +4,11 @@ adapter tensor gets a gradient; merge is exact. One method (LoRA) across all mod
 covered on every layer kind elsewhere."""
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import visionpeft as vp
@@ -76,6 +78,10 @@ def exercise(model, inputs, never):
     for layer in layers:
         assert not any(layer == n or layer.startswith(n + ".") for n in never), f"{layer} is a head/stem/embedder"
         assert not re.search(r"(^|\.)\w*(norm|embed|pos_|lm_head|wte|wpe)\w*(\.|$)", layer, re.I), layer
+    # the reference is the frozen base, as attach leaves it: torch picks some kernels by requires_grad (matmul folds
+    # a non-contiguous batch into one mm only for a weight that needs a gradient, SDPA leaves its fused kernel for a
+    # mask that needs one), so freezing alone may move the last bit of SigLIP's pooling head or Swin's windows
+    model.requires_grad_(False)
     y0 = run(model, inputs)
     state = copy.deepcopy(model.state_dict())
     vp.attach(model, "lora", rank=2)
@@ -121,6 +127,19 @@ def _unet(sdxl=False):
         inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 8), "time_ids": torch.rand(2, 6) * 64}
     never = ["conv_in", "conv_out", "time_embedding", "add_embedding", "add_time_proj", "conv_norm_out"]
     return model, inputs, never
+
+
+def _sd3(dual_attention=False):
+    """SD3 (and SD3.5's dual attention in its first block); the last joint block has ``context_pre_only``."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8, **extra)
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+              "pooled_projections": torch.randn(2, 8), "timestep": torch.tensor([10, 500])}
+    return model, inputs, ["pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out"]
 
 
 def _flux():
@@ -169,8 +188,71 @@ def _wan():
     return model, inputs, ["patch_embedding", "condition_embedder", "norm_out", "proj_out"]
 
 
-DIFFUSERS = {"unet": _unet, "unet_sdxl_text_time": lambda: _unet(sdxl=True), "flux": _flux,
-             "pixart": _pixart, "sana": _sana, "wan": _wan}
+def _hunyuan_dit():
+    from diffusers import HunyuanDiT2DModel
+
+    model = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+                              hidden_size=16, num_layers=4, cross_attention_dim=16, cross_attention_dim_t5=16,
+                              pooled_projection_dim=8, text_len=5, text_len_t5=6,
+                              use_style_cond_and_image_meta_size=False)
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10.0, 500.0]),
+              "encoder_hidden_states": torch.randn(2, 5, 16), "text_embedding_mask": torch.ones(2, 5),
+              "encoder_hidden_states_t5": torch.randn(2, 6, 16), "text_embedding_mask_t5": torch.ones(2, 6)}
+    return model, inputs, ["pos_embed", "time_extra_emb", "text_embedder", "norm_out", "proj_out"]
+
+
+def _auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                       num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                       pos_embed_max_size=16)
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+              "timestep": torch.tensor([10, 500])}
+    return model, inputs, ["pos_embed", "time_step_embed", "time_step_proj", "context_embedder", "norm_out",
+                           "proj_out"]
+
+
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2,
+                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=8,
+                                      axes_dim_rope=(2, 2, 4), axes_lens=(32, 8, 8), cap_feat_dim=12)
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([0.1, 0.7]),
+              "encoder_hidden_states": torch.randn(2, 5, 12),
+              "encoder_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    return model, inputs, ["x_embedder", "time_caption_embed", "rope_embedder", "norm_out"]
+
+
+def _cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                        time_embed_dim=8, text_embed_dim=12, num_layers=2, sample_width=8,
+                                        sample_height=8, sample_frames=5, patch_size=2, max_text_seq_length=5)
+    inputs = {"hidden_states": torch.randn(2, 2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 12),
+              "timestep": torch.tensor([10, 500])}
+    return model, inputs, ["patch_embed", "time_embedding", "norm_final", "norm_out", "proj_out"]
+
+
+def _mochi():
+    """Mochi's last block is ``context_pre_only`` too, in its own attention class."""
+    from diffusers import MochiTransformer3DModel
+
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=8,
+                                    max_sequence_length=5)
+    inputs = {"hidden_states": torch.randn(2, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+              "timestep": torch.tensor([10, 500]), "encoder_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    return model, inputs, ["patch_embed", "time_embed", "rope", "norm_out", "proj_out"]
+
+
+DIFFUSERS = {"unet": _unet, "unet_sdxl_text_time": lambda: _unet(sdxl=True), "sd3": _sd3,
+             "sd35_dual_attention": lambda: _sd3(dual_attention=True), "flux": _flux, "pixart": _pixart, "sana": _sana,
+             "hunyuan_dit": _hunyuan_dit, "auraflow": _auraflow, "lumina2": _lumina2, "cogvideox": _cogvideox,
+             "mochi": _mochi, "wan": _wan}
 
 
 @pytest.mark.parametrize("name", list(DIFFUSERS))
@@ -178,6 +260,24 @@ def test_diffusers(name):
     pytest.importorskip("diffusers")
     model, inputs, never = DIFFUSERS[name]()
     exercise(model, inputs, never)
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "dreambooth"
+
+
+@pytest.mark.parametrize("kind, build", [("sdxl", lambda: _unet(sdxl=True)), ("sd3", _sd3), ("flux", _flux)])
+def test_dreambooth_recipes_name_no_layer_the_default_misses_but_dead_ones(kind, build):
+    """The hand-named targets of the shipped DreamBooth recipes (diffusers' own script defaults) are all default
+    targets, except SD3's last ``add_q_proj``: its block is ``context_pre_only``, so it reaches no output."""
+    pytest.importorskip("diffusers")
+    model = build()[0]
+    default = set(vp.targets(model))
+    for path in sorted(RECIPES.glob(f"{kind}_*.yaml")):
+        named = set(vp.targets(model, yaml.safe_load(path.read_text())["adapter"]["targets"]))
+        dead = {"transformer_blocks.1.attn.add_q_proj:weight"} if kind == "sd3" else set()
+        assert named - default == dead, path.name
+    if kind == "sd3":  # the context keys and values of that block still feed the image tokens' attention
+        assert {"transformer_blocks.1.attn.add_k_proj:weight", "transformer_blocks.1.attn.add_v_proj:weight"} <= default
 
 
 # --- transformers ------------------------------------------------------------------------------------------------
@@ -209,8 +309,19 @@ TRANSFORMERS = {
     "convnext": lambda: _hf("ConvNextConfig", "ConvNextForImageClassification", dict(
         hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_labels=3), PIXELS,
         ["convnext.embeddings", "classifier"]),
+    "siglip": lambda: _hf("SiglipVisionConfig", "SiglipVisionModel", VISION, PIXELS,
+                          ["vision_model.embeddings", "vision_model.head"]),
+    "swin": lambda: _hf("SwinConfig", "SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=(1, 1),
+                                                        num_heads=(1, 2), window_size=4), PIXELS,
+                        ["embeddings", "pooler"]),
     "llama": lambda: _hf("LlamaConfig", "LlamaForCausalLM", TEXT, TOKENS, ["model.embed_tokens", "lm_head"]),
+    "mistral": lambda: _hf("MistralConfig", "MistralForCausalLM", TEXT, TOKENS, ["model.embed_tokens", "lm_head"]),
+    "gemma": lambda: _hf("GemmaConfig", "GemmaForCausalLM", dict(TEXT, head_dim=8), TOKENS,
+                         ["model.embed_tokens", "lm_head"]),
+    "phi": lambda: _hf("PhiConfig", "PhiForCausalLM", TEXT, TOKENS, ["model.embed_tokens", "lm_head"]),
     "qwen2": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", TEXT, TOKENS, ["model.embed_tokens", "lm_head"]),
+    "qwen3": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", dict(TEXT, head_dim=8), TOKENS,
+                         ["model.embed_tokens", "lm_head"]),
     "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2,
                                                               n_head=2), TOKENS, ["transformer.wte", "lm_head"]),
     "gpt_neox": lambda: _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
