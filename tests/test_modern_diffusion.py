@@ -336,8 +336,9 @@ def test_shipped_recipes_validate_and_their_targets_select_layers_of_the_pipelin
     for method in ("lora", "flora", "sara"):
         recipe = dreambooth.load_recipe(RECIPES / f"{kind}_{method}.yaml")
         assert recipe["adapter"]["method"] == method and recipe["data"]["cache_latents"]
-        layers = resolve_targets(denoiser(pipelines[kind]), recipe["adapter"]["targets"])
-        assert layers and all(t.name.endswith(tuple(recipe["adapter"]["targets"])) for t in layers)
+        targets = recipe["adapter"]["targets"]  # None: the family default
+        layers = resolve_targets(denoiser(pipelines[kind]), targets)
+        assert layers and (targets is None or all(t.name.endswith(tuple(targets)) for t in layers))
         objectives_given = {k for k in ("snr_gamma", "weighting_scheme", "guidance_scale") if recipe["train"][k]}
         assert objectives_given == {"sdxl": {"snr_gamma"}, "sd3": {"weighting_scheme"},
                                     "flux": {"weighting_scheme", "guidance_scale"}}[kind]
