@@ -2,7 +2,9 @@
 
 Where every routed adapter on a linear layer is a plain low-rank branch (``Method.low_rank_branch``: LoRA), the base
 op runs once over the whole batch and the branches as one pair of batched products with each sample's own factors
-gathered per sample: no activation is gathered or scattered. Elsewhere each adapted layer groups the rows of its
+gathered per sample: no activation is gathered or scattered. Where each adapter's samples are consecutive (and no
+gradient is taken), each adapter instead runs the two plain products of a single active adapter on its slice of rows,
+in place, with no factor gathered or padded. Elsewhere each adapted layer groups the rows of its
 input by adapter and runs its ordinary forward once per group with only that group's adapter, on that group's rows:
 the base op runs once over the batch in pieces, and each adapter's branch (activation path, weight path W + ΔW, or
 output tap) only on its own rows. So every method is served, inference and training alike, and each sample's output
