@@ -10,10 +10,13 @@ the adapters (sample i → adapter i mod 4), inference under ``torch.inference_m
 - ``separate``: visionpeft, one forward per adapter on its own samples (``vp.set_active`` each time).
 
 Each configuration runs in its own process; the table gives the median time and the ratio to PEFT (target for
-visionpeft: <= 0.8x). ``--size tiny`` is a seconds-long smoke run of the same code.
+visionpeft: <= 0.8x). ``--order contiguous`` gives each adapter a block of consecutive samples instead (sample i →
+adapter 4i // batch), the case where ``vp.routing`` runs each adapter's branch on its slice of rows.
+``--size tiny`` is a seconds-long smoke run of the same code.
 
-    python benchmarks/routing.py --repeats 3            # the measurement
-    python benchmarks/routing.py --size tiny --iters 2  # smoke
+    python benchmarks/routing.py --repeats 3                       # the measurement
+    python benchmarks/routing.py --repeats 3 --order contiguous    # grouped batch
+    python benchmarks/routing.py --size tiny --iters 2             # smoke
 """
 from __future__ import annotations
 
@@ -85,7 +88,13 @@ def setup(config: str, model):
     return separate
 
 
-def child(config: str, size: str, batch: int, iters: int, warmup: int, device: str) -> dict:
+def assignment(order: str, batch: int) -> list[str]:
+    if order == "contiguous":
+        return [ADAPTERS[i * len(ADAPTERS) // batch] for i in range(batch)]
+    return [ADAPTERS[i % len(ADAPTERS)] for i in range(batch)]
+
+
+def child(config: str, size: str, batch: int, iters: int, warmup: int, device: str, order: str) -> dict:
     import time
 
     torch.manual_seed(0)
@@ -93,7 +102,7 @@ def child(config: str, size: str, batch: int, iters: int, warmup: int, device: s
     model = model.to(device).eval()
     run = setup(config, model)
     x = torch.randn(batch, 3, px, px, device=device)
-    per_sample = [ADAPTERS[i % len(ADAPTERS)] for i in range(batch)]
+    per_sample = assignment(order, batch)
     samples = []
     with torch.inference_mode():
         for i in range(warmup + iters):
@@ -116,21 +125,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations, interleaved")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--order", choices=("interleaved", "contiguous"), default="interleaved",
+                        help="samples over adapters: i mod 4, or consecutive blocks")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.batch, args.iters, args.warmup, args.device)))
+        print(json.dumps(child(args.child, args.size, args.batch, args.iters, args.warmup, args.device,
+                                args.order)))
         return
     times: dict[str, list[float]] = {c: [] for c in args.configs}
     for _ in range(args.repeats):
         for config in args.configs:
             command = [sys.executable, __file__, "--child", config, "--size", args.size, "--batch", str(args.batch),
-                       "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device]
+                       "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
+                       "--order", args.order]
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             times[config].append(json.loads(line)["ms"])
     median = {c: statistics.median(t) for c, t in times.items()}
-    print(f"ViT-S/16 ({args.size}), {len(ADAPTERS)} LoRA adapters (rank 8), batch {args.batch} interleaved, "
+    print(f"ViT-S/16 ({args.size}), {len(ADAPTERS)} LoRA adapters (rank 8), batch {args.batch} {args.order}, "
           f"inference, {args.device}, torch {torch.__version__}")
     print("| configuration | ms | × PEFT adapter_names |")
     print("|---|---|---|")

@@ -11,6 +11,7 @@ from conftest import RecordCalls, perturb
 from visionpeft.models import build
 
 PER_SAMPLE = ["a", None, "b", "a", "c", "b"]
+CONTIGUOUS = ["a", "a", None, "b", "b", "c"]  # each adapter's samples consecutive
 
 
 def alone(model, per_sample, x, run=lambda m, x: m(x)):
@@ -39,19 +40,20 @@ class Net(nn.Module):
         return self.fc(h).mean(1)
 
 
+@pytest.mark.parametrize("per_sample", [PER_SAMPLE, CONTIGUOUS])
 @pytest.mark.parametrize("methods", [("lora", "lora", "lora"), ("flora", "svd", "snella"), ("sara", "lora", "svd"),
                                      ("mora", "nola", "alpha-lora")])
-def test_mixed_batch_equals_each_sample_alone(methods):
+def test_mixed_batch_equals_each_sample_alone(methods, per_sample):
     model = Net().eval()
     options = {"snella": {}, "sara": {"density": 0.2}, "nola": {"num_basis": (8, 8)}}
     for name, method in zip("abc", methods):
         vp.attach(model, method, targets=["conv", "attn", "fc"], name=name, **options.get(method, {}))
     perturb(model)
-    x = torch.randn(len(PER_SAMPLE), 4, 6, 6)
+    x = torch.randn(len(per_sample), 4, 6, 6)
     with torch.no_grad():
-        with vp.routing(model, PER_SAMPLE):
+        with vp.routing(model, per_sample):
             mixed = model(x)
-        expected = alone(copy.deepcopy(model), PER_SAMPLE, x)
+        expected = alone(copy.deepcopy(model), per_sample, x)
     assert torch.allclose(mixed, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -80,13 +82,28 @@ def test_low_rank_branches_run_as_one_batched_product_beside_one_base_op():
     assert [tuple(call[1].shape) for call in down.calls] == [(6, 8, 3), (6, 8, 3)]
 
 
-def test_low_rank_branches_train_as_each_sample_alone():
+def test_contiguous_groups_run_the_products_of_one_adapter_on_their_slices():
+    model = stacked_linears()
+    x = torch.randn(len(CONTIGUOUS), 8)
+    with torch.no_grad(), vp.routing(model, CONTIGUOUS), RecordCalls(torch.ops.aten.addmm_.default) as up, \
+            RecordCalls(torch.ops.aten.bmm.default) as batched:
+        mixed = model(x)
+    with torch.no_grad():
+        expected = alone(copy.deepcopy(model), CONTIGUOUS, x)
+    assert torch.allclose(mixed, expected, atol=1e-6, rtol=1e-5)
+    # per layer and adapter one in-place up-projection on that adapter's rows ("c" adapts only the second layer);
+    # no batched product, no rows for the base samples
+    assert [call[1].shape[0] for call in up.calls] == [2, 2, 2, 2, 1] and not batched.calls
+
+
+@pytest.mark.parametrize("per_sample", [PER_SAMPLE, CONTIGUOUS])
+def test_low_rank_branches_train_as_each_sample_alone(per_sample):
     model = stacked_linears()
     reference = copy.deepcopy(model)
-    x = torch.randn(len(PER_SAMPLE), 8)
-    with vp.routing(model, PER_SAMPLE):
+    x = torch.randn(len(per_sample), 8)
+    with vp.routing(model, per_sample):
         model(x).square().sum().backward()
-    for i, name in enumerate(PER_SAMPLE):
+    for i, name in enumerate(per_sample):
         if name is not None:
             vp.set_active(reference, name)
             reference(x[i:i + 1]).square().sum().backward()
@@ -115,17 +132,18 @@ def test_training_gradients_equal_those_of_each_sample_alone():
     assert all(torch.allclose(grads[n], expected[n], atol=1e-5, rtol=1e-4) for n in grads)
 
 
-def test_vit_mixed_batch():
+@pytest.mark.parametrize("per_sample", [PER_SAMPLE, CONTIGUOUS])
+def test_vit_mixed_batch(per_sample):
     model, (x,) = build("timm_vit")
     model.eval()
     for name in "abc":
         vp.attach(model, "lora", name=name, rank=2)
     perturb(model)
-    x = torch.randn(len(PER_SAMPLE), *x.shape[1:])
+    x = torch.randn(len(per_sample), *x.shape[1:])
     with torch.no_grad():
-        with vp.routing(model, PER_SAMPLE):
+        with vp.routing(model, per_sample):
             mixed = model(x)
-        expected = alone(copy.deepcopy(model), PER_SAMPLE, x)
+        expected = alone(copy.deepcopy(model), per_sample, x)
     assert torch.allclose(mixed, expected, atol=1e-5, rtol=1e-4)
 
 

@@ -2,7 +2,9 @@
 
 Where every routed adapter on a linear layer is a plain low-rank branch (``Method.low_rank_branch``: LoRA), the base
 op runs once over the whole batch and the branches as one pair of batched products with each sample's own factors
-gathered per sample: no activation is gathered or scattered. Elsewhere each adapted layer groups the rows of its
+gathered per sample: no activation is gathered or scattered. Where each adapter's samples are consecutive (and no
+gradient is taken), each adapter instead runs the two plain products of a single active adapter on its slice of rows,
+in place, with no factor gathered or padded. Elsewhere each adapted layer groups the rows of its
 input by adapter and runs its ordinary forward once per group with only that group's adapter, on that group's rows:
 the base op runs once over the batch in pieces, and each adapter's branch (activation path, weight path W + ΔW, or
 output tap) only on its own rows. So every method is served, inference and training alike, and each sample's output
@@ -34,6 +36,7 @@ class Route:
         #: the distinct entries of per_sample, in order of first appearance
         self.adapters = list(dict.fromkeys(self.per_sample))
         self._sample_index: dict[torch.device, torch.Tensor] = {}
+        self._runs: list[tuple[int, int, int]] | None = None
         self._cache: dict[tuple[int, torch.device], tuple[list[tuple[list[str], Any]], torch.Tensor | None]] = {}
 
     def groups(self, rows: int, device: torch.device, layer: nn.Module):
@@ -85,12 +88,11 @@ class Route:
             branches.append(branch)
         return (slot, branches) if any(b is not None for b in branches) else None
 
-    def _batched_branches(self, layer: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor, slot, branches) -> Any:
+    def _batched_branches(self, out: torch.Tensor, x: torch.Tensor, slot, branches) -> torch.Tensor:
         """The base op once over the whole batch, plus each sample's own adapter's ``scale · up · down · x`` as one
         pair of batched products with the factors gathered per sample (rows of samples whose adapter does not adapt
         this layer get zero factors). No activation is gathered or scattered; each sample's rows meet only its own
         adapter's factors."""
-        out = layer._vp_base_class.forward(layer, *args, **kwargs)
         rank = max(b[0].shape[0] for b in branches if b is not None)
         like = next(b for b in branches if b is not None)
         downs, ups = [], []
@@ -101,8 +103,8 @@ class Route:
                 continue
             down, up, scale = branch
             pad = rank - down.shape[0]  # zero rows / columns: an exact rank padding
-            downs.append(torch.nn.functional.pad(down, (0, 0, 0, pad)))
-            ups.append(torch.nn.functional.pad(up * scale, (0, pad)))
+            downs.append(torch.nn.functional.pad(down, (0, 0, 0, pad)) if pad else down)
+            ups.append(torch.nn.functional.pad(up * scale, (0, pad)) if pad else up * scale)
         index = self.sample_index(x.device)
         n = index.numel()
         down_t = torch.stack(downs).index_select(0, index).transpose(1, 2)  # (samples, in, rank)
@@ -112,6 +114,36 @@ class Route:
             out.view(n, -1, out.shape[-1]).baddbmm_(hidden, up_t)
             return out
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), hidden, up_t).view(out.shape)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """``(adapter position in :attr:`adapters`, first sample, end sample)`` per run of consecutive samples that
+        share an adapter, in batch order."""
+        if self._runs is None:
+            position = {name: i for i, name in enumerate(self.adapters)}
+            runs: list[list[int]] = []
+            for i, name in enumerate(self.per_sample):
+                if runs and runs[-1][0] == position[name]:
+                    runs[-1][2] = i + 1
+                else:
+                    runs.append([position[name], i, i + 1])
+            self._runs = [tuple(r) for r in runs]
+        return self._runs
+
+    def _contiguous_products(self, out: torch.Tensor, x: torch.Tensor, branches) -> torch.Tensor:
+        """Without autograd, where each adapter's samples are consecutive: the base op once over the whole batch,
+        then per adapter the two plain products of one adapter alone (``out[rows] += scale · (x[rows] · downᵀ) ·
+        upᵀ``) on its slice of rows, in place: the kernels of a single active adapter, with no factor gathered or
+        padded and no activation gathered or scattered."""
+        block = x.shape[0] // len(self.per_sample)
+        x_rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        out_rows = out.view(out.shape[0], -1, out.shape[-1])
+        for position, start, stop in self.runs():
+            if branches[position] is None:
+                continue
+            down, up, scale = branches[position]
+            rows = x_rows[start * block:stop * block].reshape(-1, x.shape[-1])
+            out_rows[start * block:stop * block].view(-1, out.shape[-1]).addmm_(rows @ down.t(), up.t(), alpha=scale)
+        return out
 
     def sample_index(self, device: torch.device) -> torch.Tensor:
         """Per sample, its adapter's position in :attr:`adapters`."""
@@ -128,7 +160,10 @@ class Route:
             return layer.vp_forward(args, kwargs, groups[0][0])
         branches = self._low_rank_branches(layer, args, x)
         if branches is not None:
-            return self._batched_branches(layer, args, kwargs, x, *branches)
+            out = layer._vp_base_class.forward(layer, *args, **kwargs)
+            if len(self.runs()) == len(self.adapters) and out.is_contiguous() and not torch.is_grad_enabled():
+                return self._contiguous_products(out, x, branches[1])
+            return self._batched_branches(out, x, *branches)
         rows = x.shape[dim]
         outputs = []
         for names, index in groups:
