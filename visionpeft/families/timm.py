@@ -14,8 +14,17 @@ top-level children in order (the order timm runs them in):
 
 When one child holds both the stem and the last feature module (DenseNet's ``features``), the same walk runs
 inside it. Without ``feature_info`` the trunk ends before the classifier's child.
+
+Position encodings inside the trunk are never targets either, found two ways: the model's own
+``no_weight_decay()`` lists the parameters timm keeps out of weight decay, which are its position tables and the
+layers that compute them (MaxViT's and GC ViT's ``rel_pos.mlp``, Twins' PEG ``pos_block``); and a module whose
+qualified name has a position word in it (:data:`POSITION_WORDS`: EdgeNeXt's ``pos_embd``, DaViT's ``cpe``, CoaT's
+``crpe``), for the models that do not list theirs.
 """
 from __future__ import annotations
+
+import fnmatch
+import re
 
 from torch import nn
 
@@ -78,14 +87,48 @@ def _trunk_in(container: nn.Module, prefix: str, stems: list[str], heads: list[s
     return [f"{prefix}{n}" for n in names[start:end + 1]]
 
 
+#: words (between underscores and digits) of a module name that make it a position encoding: absolute tables and
+#: their projections (``pos_embed``, ``pos_embd``), conditional position encodings (PEG / CPE convs: ``pos_block``,
+#: ``cpe``, ``crpe``, ``peg``), relative position biases and their MLPs (``rel_pos``, ``relative_position_*``,
+#: Swin-V2's continuous ``cpb_mlp``) and rotary embeddings
+POSITION_WORDS = frozenset({"pos", "position", "positional", "cpe", "crpe", "peg", "cpb", "rope", "rotary"})
+
+
+def _position_encodings(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The outermost modules that are position encodings, by the model's ``no_weight_decay()`` or by name."""
+    found: list[str] = []
+    for name in modules:
+        parts = name.split(".") if name else []
+        for i, part in enumerate(parts):
+            if POSITION_WORDS.intersection(re.split(r"[_\d]+", part.lower())):
+                found.append(".".join(parts[:i + 1]))
+                break
+    listed = _no_weight_decay(model)
+    if listed:
+        for name, module in modules.items():  # a layer whose own weight is listed (not a table beside it)
+            if isinstance(module, _LAYERS) and any(fnmatch.fnmatchcase(f"{name}.weight", p) for p in listed):
+                found.append(name)
+    return sorted(set(found))
+
+
+def _no_weight_decay(model: nn.Module) -> list[str]:
+    method = getattr(model, "no_weight_decay", None)
+    if not callable(method):
+        return []
+    try:
+        return [p for p in method() if isinstance(p, str)]
+    except Exception:  # a model's optional helper that does not run on this configuration says nothing
+        return []
+
+
 def trunk(model: nn.Module) -> tuple[list[str], list[str]]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     modules = dict(model.named_modules())
     stems = [n for n in _names(cfg.get("first_conv")) if n in modules] or _first_layer(modules)
     heads = [n for n in _names(cfg.get("classifier")) if n in modules] or _classifier(model, modules)
     features = _feature_modules(model, modules)
-    # the stem's first conv and the classifier are never targets, wherever they sit
-    return _trunk_in(model, "", stems, heads, features), stems + heads
+    # the stem's first conv, the classifier and position encodings are never targets, wherever they sit
+    return _trunk_in(model, "", stems, heads, features), stems + heads + _position_encodings(model, modules)
 
 
 def _first_layer(modules: dict[str, nn.Module]) -> list[str]:
