@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from visionpeft.layers.kinds import Slot
+from visionpeft.methods.saved_input import keep_input, kept_value
 
 
 def add_low_rank_output(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: torch.Tensor, up: torch.Tensor,
@@ -26,8 +27,11 @@ def add_low_rank_output(x: torch.Tensor, out: torch.Tensor, slot: Slot, down: to
     - ``up`` is (out, rank), a 1×1 map; ``mid`` a scalar (riding on the fused product's alpha) or a (rank,) vector.
 
     The up-projection and the sum are one ``addmm``/``baddbmm`` on the base output, in place where nothing keeps
-    that output (:func:`_sum_target`). Backward keeps x (which the base op keeps anyway), the rank-sized
-    activations and the factors, never a weight-sized tensor. Gradients are first-order only.
+    that output (:func:`_sum_target`). Backward keeps the rank-sized activations and the factors, never a
+    weight-sized tensor, and x for the gradient of ``down``: on a linear op only where ``down`` or ``pre`` trains, and
+    as the input of the activation x came from where that activation's node keeps it
+    (:mod:`~visionpeft.methods.saved_input`; a frozen linear keeps no copy of x, a conv keeps x itself). Gradients
+    are first-order only.
     """
     if x.dtype != out.dtype or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         # under torch.compile the traced graph has no per-op host cost to save, and the functions' in-place sum
@@ -133,16 +137,18 @@ class _LinearBranch(torch.autograd.Function):
             result = out
         else:
             result = torch.addmm(_rows(out), hm, _cast(up, dtype).t(), alpha=alpha)  # viewed outside, tracked
-        ctx.save_for_backward(x, h, pre, down, up, mid, down_w)
-        ctx.alpha, ctx.out_shape = alpha, out.shape
+        # x only serves the gradient of down (and pre): saved where one trains, as what rebuilds it (saved_input)
+        saved_x, ctx.rebuild_x = keep_input(x) if ctx.needs_input_grad[3] or ctx.needs_input_grad[2] else (None, None)
+        ctx.save_for_backward(saved_x, h, pre, down, up, mid, down_w)
+        ctx.alpha, ctx.out_shape, ctx.x_shape = alpha, out.shape, x.shape
         return result
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, h, pre, down, up, mid, down_w = ctx.saved_tensors
+        saved_x, h, pre, down, up, mid, down_w = ctx.saved_tensors
         need_x, need_out, need_pre, need_down, need_up, need_mid = ctx.needs_input_grad[:6]
-        alpha, dtype = ctx.alpha, x.dtype
+        alpha, dtype = ctx.alpha, h.dtype
         g = _rows(grad)
         hm = h if mid is None else h * _cast(mid, dtype)
         # as hmᵀ·g: oneDNN runs the transposed product (gᵀ·hm)ᵀ up to 10x slower for a tall hm
@@ -150,10 +156,10 @@ class _LinearBranch(torch.autograd.Function):
         grad_hm = _scaled(torch.mm(g, _cast(up, dtype)), alpha)
         grad_mid = (grad_hm * h).sum(0) if need_mid else None
         grad_h = grad_hm if mid is None else grad_hm * _cast(mid, dtype)
-        grad_x = torch.mm(grad_h, down_w).view(x.shape) if need_x else None
+        grad_x = torch.mm(grad_h, down_w).view(ctx.x_shape) if need_x else None
         grad_down = grad_pre = None
         if need_down or need_pre:
-            grad_down_w = torch.mm(grad_h.t(), _rows(x))
+            grad_down_w = torch.mm(grad_h.t(), _rows(kept_value(saved_x, ctx.rebuild_x)))
             if pre is None:
                 grad_down = grad_down_w
             else:
@@ -227,6 +233,7 @@ class _ConvBranch(torch.autograd.Function):
             result = torch.baddbmm(out.view(n, out.shape[1], -1), up_w.expand(n, -1, -1), hm_rows, alpha=alpha)
         else:  # e.g. a channels-last base output: add the branch in the base's layout
             result = out + _scaled(torch.bmm(up_w.expand(n, -1, -1), hm_rows).view(out.shape), alpha)
+        # x as it is: the base conv's own backward keeps it (aten's convolution saves its input unconditionally)
         ctx.save_for_backward(x, h_in, h, pre, down, up, mid, down_w)
         ctx.alpha, ctx.geometry, ctx.kernel, ctx.folds, ctx.pointwise = alpha, geometry, kernel, folds, pointwise
         ctx.out_shape = out.shape
