@@ -40,6 +40,7 @@ TIMM = [
     ("ghostnet_050", dict(), 32),
     ("davit_tiny", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4)), 64),
     ("vgg11", dict(), 32),
+    ("dla34", dict(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 16, 32, 32, 64)), 32),
     # narrow: at full width the filled residual norms make activations overflow and saturate the softmax
     ("levit_128s", dict(img_size=64, embed_dim=(16, 32, 48), key_dim=4, num_heads=(2, 2, 2), depth=(1, 1, 1)), 64),
     # weight_init="skip": timm's ViT init zeroes Hiera's classifier, so the output would be constant
