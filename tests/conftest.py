@@ -70,3 +70,16 @@ def squares(n, seed, classes=4):
         y, x = divmod(label, 2)
         image[y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] = (200, 180, 40)
     return list(images), labels
+
+
+def tiny_vit_recipe(root, output, *, depth=1, method="lora", options=None, task="dsprites_loc", data=None, **train):
+    """A runner recipe for a tiny timm ViT (32 px, width 32) on a VTAB-1k-layout task under ``root``: the runner
+    tests' common setup; ``train`` holds each test's schedule (steps, batch, evaluation, device, ...)."""
+    return {
+        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
+                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": depth, "num_heads": 2}},
+        "adapter": {"method": method, "options": options or {"rank": 2}},
+        "data": {"format": "vtab1k", "root": str(root), "task": task, "train_split": "train800val200", **(data or {})},
+        "train": {"lr": 5e-3, **train},
+        "output": str(output),
+    }

@@ -10,20 +10,13 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.methods.alpha_lora import alpha_parameters
 from visionpeft.training import runner
 from visionpeft.training.recipe import validate
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 
 def raw_recipe(root, output, holdout=0.25, **options):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "adapter": {"method": "alpha-lora", "options": {"rank": 2, **options}},
-        "data": {"format": "vtab1k", "root": str(root), "task": "dsprites_loc", "train_split": "train800val200",
-                 "alpha_holdout": holdout},
-        "train": {"steps": 7, "batch_size": 8, "lr": 5e-3, "eval_interval": 7, "device": "cpu",
-                  "checkpoint_interval": None},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(root, output, method="alpha-lora", options={"rank": 2, **options},
+                           data={"alpha_holdout": holdout}, steps=7, batch_size=8, eval_interval=7, device="cpu",
+                           checkpoint_interval=None)
 
 
 def test_alpha_moves_only_on_its_own_steps(tmp_path, monkeypatch):

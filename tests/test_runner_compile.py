@@ -4,21 +4,15 @@ import csv
 import numpy as np
 import pytest
 
+from conftest import tiny_vit_recipe
 from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import backbone, runner
 from visionpeft.training.recipe import validate
 
 
 def raw_recipe(root, output, **train):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "adapter": {"method": "lora", "options": {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(root), "task": "dsprites_loc", "train_split": "train800val200"},
-        "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "eval_interval": 2, "device": "cpu",
-                  "checkpoint_interval": None, **train},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(root, output, **{"steps": 2, "batch_size": 8, "eval_interval": 2, "device": "cpu",
+                                            "checkpoint_interval": None, **train})
 
 
 @pytest.fixture(scope="module")

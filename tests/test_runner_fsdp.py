@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import checkpoints, launch
 from visionpeft.training.recipe import validate
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -34,15 +34,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 
 
 def raw_recipe(root, output, method="lora", options=None, **train):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-        "adapter": {"method": method, "options": options or {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(root), "task": "dsprites_loc", "train_split": "train800val200"},
-        "train": {"steps": 8, "batch_size": 16, "lr": 5e-3, "eval_interval": 8, "device": "cpu",
-                  "checkpoint_interval": None, **train},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(root, output, depth=2, method=method, options=options,
+                           **{"steps": 8, "batch_size": 16, "eval_interval": 8, "device": "cpu",
+                              "checkpoint_interval": None, **train})
 
 
 @pytest.fixture(scope="module")

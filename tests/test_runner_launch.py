@@ -14,18 +14,11 @@ import yaml
 from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import launch
 from visionpeft.training.recipe import validate
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 
 def raw_recipe(root, output, **train):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "adapter": {"method": "lora", "options": {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(root), "task": "dsprites_loc", "train_split": "train800val200"},
-        "train": {"steps": 2, "batch_size": 16, "lr": 5e-3, "eval_interval": 2, **train},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(root, output, **{"steps": 2, "batch_size": 16, "eval_interval": 2, **train})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only launch")

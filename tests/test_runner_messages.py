@@ -13,7 +13,7 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import recipe as recipe_module
 from visionpeft.training import runner
 from visionpeft.training.recipe import apply_overrides, validate
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,7 @@ def vtab_root(tmp_path_factory):
 
 
 def raw_recipe(root, output, **train):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "adapter": {"method": "lora", "options": {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(root), "task": "dsprites_loc", "train_split": "train800val200"},
-        "train": {"steps": 4, "batch_size": 8, "lr": 5e-3, "eval_interval": 2, "device": "cpu", **train},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(root, output, **{"steps": 4, "batch_size": 8, "eval_interval": 2, "device": "cpu", **train})
 
 
 @pytest.mark.parametrize("spelling", ["no", "No", "off", "false", "'no'"])

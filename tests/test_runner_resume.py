@@ -15,7 +15,7 @@ from visionpeft.data.writers import write_vtab_task
 from visionpeft.training import train
 from visionpeft.training.recipe import load_recipe, validate
 from visionpeft.training.schedule import updates_per_epoch
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "visionpeft.cli"]
@@ -30,14 +30,8 @@ def vtab_root(tmp_path_factory):
 
 
 def raw_recipe(vtab_root, output, **train):
-    return {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-        "adapter": {"method": "lora", "options": {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(vtab_root), "task": "dsprites_loc", "train_split": "train800val200"},
-        "train": {"steps": 8, "batch_size": 16, "lr": 5e-3, "eval_interval": 4, "device": "cpu", **train},
-        "output": str(output),
-    }
+    return tiny_vit_recipe(vtab_root, output, depth=2,
+                           **{"steps": 8, "batch_size": 16, "eval_interval": 4, "device": "cpu", **train})
 
 
 def write(tmp_path, name, raw):

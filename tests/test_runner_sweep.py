@@ -7,7 +7,7 @@ import yaml
 
 from visionpeft.cli import main
 from visionpeft.data.writers import write_vtab_task
-from conftest import squares
+from conftest import squares, tiny_vit_recipe
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,8 @@ def roots(tmp_path_factory):
 
 
 def recipe_file(tmp_path, root, task):
-    raw = {
-        "model": {"name": "vit_tiny_patch16_224", "image_size": 32,
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "adapter": {"method": "lora", "options": {"rank": 2}},
-        "data": {"format": "vtab1k", "root": str(root), "task": task, "train_split": "train800val200"},
-        "train": {"steps": 3, "batch_size": 16, "lr": 5e-3, "eval_interval": 3, "device": "cpu"},
-        "output": str(tmp_path / "sweep" / "{task}"),
-    }
+    raw = tiny_vit_recipe(root, tmp_path / "sweep" / "{task}", task=task, steps=3, batch_size=16, eval_interval=3,
+                          device="cpu")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
