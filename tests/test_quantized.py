@@ -193,14 +193,22 @@ def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_stored_weight
     with torch.no_grad():
         adapted = model(x)
     codes = _stored(model.first).clone()
+    layers = (model.first, model.second)
+    wanted = [_dequantized(layer) + layer.vp_delta("default", "weight").detach() for layer in layers]
     with pytest.warns(RequantizationWarning, match=r"vp.merge wrote into 2 quantized weight.*max abs error") as record:
         vp.merge(model)
     error = max(w.message.error for w in record if isinstance(w.message, RequantizationWarning))
-    assert 0 < error < 0.5
+    # the warning reports the true rounding: the largest gap between the requantized weight and W + ΔW
+    actual = max(float((_dequantized(layer) - target).abs().max()) for layer, target in zip(layers, wanted))
+    assert error == pytest.approx(actual, rel=1e-5) and 0 < error < 0.5
     assert not _stored(model.first).dtype.is_floating_point and not torch.equal(_stored(model.first), codes)
     with torch.no_grad():
         merged = model(x)
-    assert max_rel(merged, adapted) < 0.2  # the requantized sum: lossy, but the update is in it
+        float_math = F.linear(torch.relu(F.linear(x, _dequantized(model.first), model.first.bias.float())),
+                              _dequantized(model.second), model.second.bias.float())
+    assert max_rel(merged, float_math) < 2e-3  # the merged model runs the requantized weight and nothing else
+    if storage in ("int8", "torchao"):  # an 8-bit grid is fine enough to keep the update; 4-bit may round it away
+        assert max_rel(merged, adapted) < 0.02
     with torch.no_grad(), vp.disabled(model):
         pass
     with torch.no_grad():
