@@ -9,7 +9,7 @@ the adapters (sample i → adapter i mod 4), inference under ``torch.inference_m
 - ``peft``: ``peft_model(x, adapter_names=per_sample)`` on the same layers;
 - ``separate``: visionpeft, one forward per adapter on its own samples (``vp.set_active`` each time).
 
-Each configuration runs in its own process; the table gives the median time and the ratio to PEFT (target for
+Each configuration runs in its own process, all with the same fixed glibc malloc thresholds; the table gives the median time and the ratio to PEFT (target for
 visionpeft: <= 0.8x). ``--order contiguous`` gives each adapter a block of consecutive samples instead (sample i →
 adapter 4i // batch), the case where ``vp.routing`` runs each adapter's branch on its slice of rows.
 ``--size tiny`` is a seconds-long smoke run of the same code.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,10 @@ import torch
 
 CONFIGS = ("base", "one-adapter", "visionpeft", "peft", "separate")
 ADAPTERS = ("a0", "a1", "a2", "a3")
+#: glibc's malloc returns freed activation-sized blocks to the OS by thresholds it moves as it goes, so the same
+#: configuration reads up to 20 % apart between processes from page faults alone; fixed thresholds keep freed
+#: memory in the heap for every configuration alike
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "40000000000"}
 
 
 def build(size: str):
@@ -140,7 +145,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", config, "--size", args.size, "--batch", str(args.batch),
                        "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
                        "--order", args.order]
-            line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            line = subprocess.run(command, check=True, capture_output=True, text=True,
+                                  env=dict(os.environ, **STEADY_ALLOCATOR)).stdout.strip().splitlines()[-1]
             times[config].append(json.loads(line)["ms"])
     median = {c: statistics.median(t) for c, t in times.items()}
     print(f"ViT-S/16 ({args.size}), {len(ADAPTERS)} LoRA adapters (rank 8), batch {args.batch} {args.order}, "
