@@ -9,9 +9,10 @@ the adapters (sample i → adapter i mod 4), inference under ``torch.inference_m
 - ``peft``: ``peft_model(x, adapter_names=per_sample)`` on the same layers;
 - ``separate``: visionpeft, one forward per adapter on its own samples (``vp.set_active`` each time).
 
-Each configuration runs in its own process, all with the same fixed glibc malloc thresholds; the table gives the
-median time and the ratio to PEFT (target for visionpeft: <= 0.8x). ``--order contiguous`` gives each adapter a block of consecutive samples instead (sample i →
-adapter 4i // batch), the case where ``vp.routing`` runs each adapter's branch on its slice of rows.
+Each configuration runs in its own process, all with the same fixed glibc malloc thresholds; the table gives the median
+time and the ratio to PEFT (target for visionpeft: <= 0.8x). ``--order contiguous`` gives each adapter a block of
+consecutive samples instead (sample i → adapter 4i // batch), the case where ``vp.routing`` runs each adapter's branch
+on its slice of rows.
 ``--size tiny`` is a seconds-long smoke run of the same code.
 
     python benchmarks/routing.py --repeats 3                       # the measurement
