@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import visionpeft as vp
 from visionpeft.methods.base import _ALIASES
 
@@ -13,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_smoke_runs_every_configuration(tmp_path):
+    pytest.importorskip("lycoris", reason="the suite's LyCORIS peer comes with the bench extra (lycoris-lora)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--out", str(tmp_path / "gpu")],
                           capture_output=True, text=True, timeout=600, env=env)
