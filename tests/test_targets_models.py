@@ -87,9 +87,11 @@ def run(model, inputs):
 def exercise(model, inputs, never):
     """The checks every model gets; ``never`` are module names (and their subtrees) that must not be targeted."""
     model.eval()
-    with torch.no_grad():  # random init zeroes residual gains (timm's zero_init_last, layer scales of 1e-5 or 0)
-        for param in model.parameters():  # and some heads (MLP-Mixer's): every branch gets a gradient only once
-            if param.dim() <= 1 and param.numel() > 1 and param.abs().max() < 1e-3:  # they carry signal
+    # random init zeroes residual gains (timm's zero_init_last, layer scales of 1e-5 or 0) and some heads
+    # (MLP-Mixer's): every branch gets a gradient only once they carry signal
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() <= 1 and param.numel() > 1 and param.abs().max() < 1e-3:
                 param.fill_(1.0)
             elif param.dim() > 1 and not param.any():
                 param.normal_(std=0.02)
