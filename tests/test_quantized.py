@@ -288,3 +288,26 @@ def test_the_llama_preset_finds_a_bitsandbytes_quantized_model(tmp_path):
     grads = [p.grad for p in vp.trainable_parameters(model).values()]
     assert len(grads) == 2 * len(projections) and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert isinstance(model.model.layers[0].mlp.down_proj.weight, bnb.nn.Params4bit)
+
+
+@pytest.mark.parametrize("per_sample", [["a", None, "b", "a"], ["a", "a", "b", None]])
+@pytest.mark.parametrize("storage", ["nf4", "torchao"])
+def test_routing_over_a_quantized_base_equals_each_sample_alone(storage, per_sample):
+    # torchao keeps nn.Linear's forward on a quantized weight: routing must still run the layer's own base op
+    model = quantized_model(storage)
+    for name in ("a", "b"):
+        vp.attach(model, "lora", targets=["first", "second"], name=name, rank=4)
+    perturb(model)
+    x = torch.randn(len(per_sample), IN)
+    with torch.no_grad():
+        with vp.routing(model, per_sample):
+            mixed = model(x)
+        expected = []
+        for i, name in enumerate(per_sample):
+            if name is None:
+                with vp.disabled(model):
+                    expected.append(model(x[i:i + 1]))
+            else:
+                vp.set_active(model, name)
+                expected.append(model(x[i:i + 1]))
+    assert max_rel(mixed, torch.cat(expected)) < 1e-5

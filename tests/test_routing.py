@@ -57,9 +57,23 @@ def test_mixed_batch_equals_each_sample_alone(methods, per_sample):
     assert torch.allclose(mixed, expected, atol=1e-5, rtol=1e-4)
 
 
-def stacked_linears():
+class Conv1D(nn.Module):
+    """A linear layer with its weight stored as (in, out), as transformers' GPT-2 ``Conv1D``: a base op of its own,
+    which routing may not replace with a GEMM of its own."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.nf = out_features
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) / in_features ** 0.5)
+        self.bias = nn.Parameter(torch.randn(out_features) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def stacked_linears(linear=nn.Linear, bias=True):
     """Two Linears; "a" (rank 2) and "b" (rank 3) adapt both, "c" (rank 1) only the second."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model = nn.Sequential(linear(8, 8, bias=bias), linear(8, 8, bias=bias))
     vp.attach(model, "lora", targets=["0", "1"], name="a", rank=2)
     vp.attach(model, "lora", targets=["0", "1"], name="b", rank=3)
     vp.attach(model, "lora", targets=["1"], name="c", rank=1)
@@ -67,33 +81,59 @@ def stacked_linears():
     return model
 
 
-def test_low_rank_branches_run_as_one_batched_product_beside_one_base_op():
-    model = stacked_linears()
-    x = torch.randn(len(PER_SAMPLE), 8)
-    with torch.no_grad(), vp.routing(model, PER_SAMPLE), RecordCalls(torch.ops.aten.addmm.default) as base, \
-            RecordCalls(torch.ops.aten.bmm.default) as down:
+def routed(model, per_sample, x, *ops):
+    """The routed output without autograd, each sample's output alone, and the calls to each of ``ops``."""
+    records = [RecordCalls(op) for op in ops]
+    with torch.no_grad(), vp.routing(model, per_sample), contextlib.ExitStack() as stack:
+        for record in records:
+            stack.enter_context(record)
         mixed = model(x)
     with torch.no_grad():
-        expected = alone(copy.deepcopy(model), PER_SAMPLE, x)
+        expected = alone(copy.deepcopy(model), per_sample, x)
+    return mixed, expected, [record.calls for record in records]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_low_rank_branches_write_the_output_and_the_base_gemm_adds_into_it(bias):
+    model = stacked_linears(bias=bias)
+    x = torch.randn(len(PER_SAMPLE), 8)
+    mixed, expected, (accumulate, batched, base) = routed(
+        model, PER_SAMPLE, x, torch.ops.aten.addmm_.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
     assert torch.allclose(mixed, expected, atol=1e-6, rtol=1e-5)
-    # per layer: the base op once over all 6 rows, the down-projections as one product of per-sample factors
-    # (zero-padded to the layer's largest rank), never one pass per adapter
-    assert [call[1].shape[0] for call in base.calls] == [6, 6]
-    assert [tuple(call[1].shape) for call in down.calls] == [(6, 8, 3), (6, 8, 3)]
+    # per layer: the per-sample factors (zero-padded to the layer's largest rank, plus the bias as one more rank) as
+    # one down and one up product that writes the output, then the base GEMM once over all 6 rows into it
+    up_rank = 3 + bias
+    assert [tuple(call[1].shape) for call in batched] == [(6, 8, 3), (6, up_rank, 8)] * 2
+    assert [call[1].shape[0] for call in accumulate] == [6, 6] and not base
 
 
-def test_contiguous_groups_run_the_products_of_one_adapter_on_their_slices():
+def test_contiguous_groups_write_their_rows_with_the_products_of_one_adapter():
     model = stacked_linears()
     x = torch.randn(len(CONTIGUOUS), 8)
-    with torch.no_grad(), vp.routing(model, CONTIGUOUS), RecordCalls(torch.ops.aten.addmm_.default) as up, \
-            RecordCalls(torch.ops.aten.bmm.default) as batched:
-        mixed = model(x)
-    with torch.no_grad():
-        expected = alone(copy.deepcopy(model), CONTIGUOUS, x)
+    mixed, expected, (up, accumulate, batched) = routed(
+        model, CONTIGUOUS, x, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default, torch.ops.aten.bmm.default)
     assert torch.allclose(mixed, expected, atol=1e-6, rtol=1e-5)
-    # per layer and adapter one in-place up-projection on that adapter's rows ("c" adapts only the second layer);
-    # no batched product, no rows for the base samples
-    assert [call[1].shape[0] for call in up.calls] == [2, 2, 2, 2, 1] and not batched.calls
+    # per layer and adapter one up-projection that writes that adapter's rows ("c" adapts only the second layer),
+    # then the base GEMM once over all 6 rows; no batched product
+    assert [call[0].shape[0] for call in up] == [2, 2, 2, 2, 1]
+    assert [call[1].shape[0] for call in accumulate] == [6, 6] and not batched
+
+
+@pytest.mark.parametrize("per_sample", [PER_SAMPLE, CONTIGUOUS])
+def test_low_rank_branches_beside_a_base_op_of_its_own(per_sample):
+    model = stacked_linears(Conv1D)
+    x = torch.randn(len(per_sample), 8)
+    mixed, expected, (base, accumulate, batched) = routed(
+        model, per_sample, x, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+        torch.ops.aten.baddbmm_.default)
+    assert torch.allclose(mixed, expected, atol=1e-6, rtol=1e-5)
+    # the layer's own forward once over all 6 rows, then the branches added in place: per adapter on its slice of
+    # rows where its samples are consecutive, else as one batched product of per-sample factors
+    assert [call[1].shape[0] for call in base] == [6, 6]
+    if per_sample is CONTIGUOUS:
+        assert [call[1].shape[0] for call in accumulate] == [2, 2, 2, 2, 1] and not batched
+    else:
+        assert [tuple(call[1].shape) for call in batched] == [(6, 1, 3)] * 2 and not accumulate
 
 
 @pytest.mark.parametrize("per_sample", [PER_SAMPLE, CONTIGUOUS])

@@ -1,14 +1,11 @@
 """``vp.routing``: a mixed batch in which sample i runs with adapter ``per_sample[i]`` alone (``None``: the base model).
 
-Where every routed adapter on a linear layer is a plain low-rank branch (``Method.low_rank_branch``: LoRA), the base
-op runs once over the whole batch and the branches as one pair of batched products with each sample's own factors
-gathered per sample: no activation is gathered or scattered. Where each adapter's samples are consecutive (and no
-gradient is taken), each adapter instead runs the two plain products of a single active adapter on its slice of rows,
-in place, with no factor gathered or padded. Elsewhere each adapted layer groups the rows of its
-input by adapter and runs its ordinary forward once per group with only that group's adapter, on that group's rows:
-the base op runs once over the batch in pieces, and each adapter's branch (activation path, weight path W + ΔW, or
-output tap) only on its own rows. So every method is served, inference and training alike, and each sample's output
-is the one it gets with its adapter active alone.
+Where every routed adapter on a linear layer is a plain low-rank branch (LoRA), the branches run on the whole batch
+with each sample's own factors and no activation is gathered or scattered (``visionpeft.routing_lowrank``). Elsewhere
+each adapted layer groups the rows of its input by adapter and runs its ordinary forward once per group with only that
+group's adapter, on that group's rows: the base op runs once over the batch in pieces, and each adapter's branch
+(activation path, weight path W + ΔW, or output tap) only on its own rows. So every method is served, inference and
+training alike, and each sample's output is the one it gets with its adapter active alone.
 
 A layer's batch is dimension 0 of its first input (dimension 1 for a ``nn.MultiheadAttention`` that is not
 ``batch_first``). A layer whose batch is a multiple of the model's (a windowed attention's ``B·windows``, a mask of
@@ -21,6 +18,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from visionpeft import routing_lowrank as lowrank
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -67,54 +66,6 @@ class Route:
             self._cache[key] = (groups, inverse)
         return self._cache[key]
 
-    def _low_rank_branches(self, layer: nn.Module, args: tuple, x: torch.Tensor):
-        """``(slot, [(down, up, scale) or None per adapter of self.adapters])`` when every routed adapter on this
-        single-input linear layer is a plain low-rank branch (``Method.low_rank_branch``) in x's dtype; else None."""
-        kind = layer._vp_kind
-        if not (kind.single_input and args and args[0] is x) or len(layer._vp_slots) != 1 \
-                or torch.is_autocast_enabled(x.device.type):
-            return None
-        slot_name, slot = next(iter(layer._vp_slots.items()))
-        branches = []
-        for name in self.adapters:
-            slots = layer.vp_adapters[name] if name in layer.vp_adapters else {}
-            method = slots[slot_name] if slot_name in slots else None
-            if method is None:
-                branches.append(None)
-                continue
-            branch = None if isinstance(method, nn.ModuleList) else method.low_rank_branch(slot)
-            if branch is None or branch[0].dtype != x.dtype:
-                return None
-            branches.append(branch)
-        return (slot, branches) if any(b is not None for b in branches) else None
-
-    def _batched_branches(self, out: torch.Tensor, x: torch.Tensor, slot, branches) -> torch.Tensor:
-        """The base op once over the whole batch, plus each sample's own adapter's ``scale · up · down · x`` as one
-        pair of batched products with the factors gathered per sample (rows of samples whose adapter does not adapt
-        this layer get zero factors). No activation is gathered or scattered; each sample's rows meet only its own
-        adapter's factors."""
-        rank = max(b[0].shape[0] for b in branches if b is not None)
-        like = next(b for b in branches if b is not None)
-        downs, ups = [], []
-        for branch in branches:
-            if branch is None:
-                downs.append(like[0].new_zeros(rank, slot.in_features))
-                ups.append(like[1].new_zeros(slot.out_features, rank))
-                continue
-            down, up, scale = branch
-            pad = rank - down.shape[0]  # zero rows / columns: an exact rank padding
-            downs.append(torch.nn.functional.pad(down, (0, 0, 0, pad)) if pad else down)
-            ups.append(torch.nn.functional.pad(up * scale, (0, pad)) if pad else up * scale)
-        index = self.sample_index(x.device)
-        n = index.numel()
-        down_t = torch.stack(downs).index_select(0, index).transpose(1, 2)  # (samples, in, rank)
-        up_t = torch.stack(ups).index_select(0, index).transpose(1, 2)  # (samples, rank, out)
-        hidden = torch.bmm(x.reshape(n, -1, x.shape[-1]), down_t)
-        if out.is_contiguous() and not (torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad)):
-            out.view(n, -1, out.shape[-1]).baddbmm_(hidden, up_t)
-            return out
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), hidden, up_t).view(out.shape)
-
     def runs(self) -> list[tuple[int, int, int]]:
         """``(adapter position in :attr:`adapters`, first sample, end sample)`` per run of consecutive samples that
         share an adapter, in batch order."""
@@ -129,22 +80,6 @@ class Route:
             self._runs = [tuple(r) for r in runs]
         return self._runs
 
-    def _contiguous_products(self, out: torch.Tensor, x: torch.Tensor, branches) -> torch.Tensor:
-        """Without autograd, where each adapter's samples are consecutive: the base op once over the whole batch,
-        then per adapter the two plain products of one adapter alone (``out[rows] += scale · (x[rows] · downᵀ) ·
-        upᵀ``) on its slice of rows, in place: the kernels of a single active adapter, with no factor gathered or
-        padded and no activation gathered or scattered."""
-        block = x.shape[0] // len(self.per_sample)
-        x_rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        out_rows = out.view(out.shape[0], -1, out.shape[-1])
-        for position, start, stop in self.runs():
-            if branches[position] is None:
-                continue
-            down, up, scale = branches[position]
-            rows = x_rows[start * block:stop * block].reshape(-1, x.shape[-1])
-            out_rows[start * block:stop * block].view(-1, out.shape[-1]).addmm_(rows @ down.t(), up.t(), alpha=scale)
-        return out
-
     def sample_index(self, device: torch.device) -> torch.Tensor:
         """Per sample, its adapter's position in :attr:`adapters`."""
         if device not in self._sample_index:
@@ -152,18 +87,27 @@ class Route:
             self._sample_index[device] = torch.tensor([position[n] for n in self.per_sample], device=device)
         return self._sample_index[device]
 
+    def _run_low_rank(self, layer: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor, branches) -> torch.Tensor:
+        contiguous = len(self.runs()) == len(self.adapters)
+        dense = None if torch.is_grad_enabled() else lowrank.dense_linear(layer, x)
+        if dense is not None:
+            if contiguous:
+                return lowrank.fused_contiguous_products(x, *dense, branches, self.runs(), len(self.per_sample))
+            return lowrank.fused_batched_branches(x, *dense, branches, self.sample_index(x.device))
+        out = layer._vp_base_class.forward(layer, *args, **kwargs)
+        if contiguous and out.is_contiguous() and not torch.is_grad_enabled():
+            return lowrank.contiguous_products(out, x, branches, self.runs(), len(self.per_sample))
+        return lowrank.batched_branches(out, x, branches, self.sample_index(x.device))
+
     def run(self, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
         x = _first_tensor(args, kwargs)
         dim = 1 if isinstance(layer, nn.MultiheadAttention) and not layer.batch_first else 0
         groups, inverse = self.groups(x.shape[dim], x.device, layer)
         if len(groups) == 1:
             return layer.vp_forward(args, kwargs, groups[0][0])
-        branches = self._low_rank_branches(layer, args, x)
+        branches = lowrank.low_rank_branches(self.adapters, layer, args, x)
         if branches is not None:
-            out = layer._vp_base_class.forward(layer, *args, **kwargs)
-            if len(self.runs()) == len(self.adapters) and out.is_contiguous() and not torch.is_grad_enabled():
-                return self._contiguous_products(out, x, branches[1])
-            return self._batched_branches(out, x, *branches)
+            return self._run_low_rank(layer, args, kwargs, x, branches)
         rows = x.shape[dim]
         outputs = []
         for names, index in groups:
