@@ -78,8 +78,16 @@ def _stacked_factors(branches: Sequence[Branch | None],
             down = torch.nn.functional.pad(down, (0, 0, 0, pad)) if pad else down
             up = torch.nn.functional.pad(up * scale, (0, pad)) if pad else up * scale
         downs.append(down)
-        ups.append(up if bias is None else torch.cat([up, bias[:, None]], 1))
-    return torch.stack(downs), torch.stack(ups)
+        ups.append(up)
+    ups = torch.stack(ups)
+    if bias is not None:
+        ups = torch.cat([ups, bias[None, :, None].expand(len(branches), -1, 1)], -1)
+    return torch.stack(downs), ups
+
+
+def _per_sample(factors: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """Each sample's own adapter's factor, transposed for ``bmm``: (samples, ·, ·)."""
+    return factors.index_select(0, sample_index).transpose(1, 2)
 
 
 def _with_ones(hidden: torch.Tensor) -> torch.Tensor:
@@ -93,8 +101,8 @@ def batched_branches(out: torch.Tensor, x: torch.Tensor, branches: Sequence[Bran
     products over the per-sample factors; in place where no gradient needs ``out``."""
     downs, ups = _stacked_factors(branches, None)
     n = sample_index.numel()
-    hidden = torch.bmm(x.reshape(n, -1, x.shape[-1]), downs.index_select(0, sample_index).transpose(1, 2))
-    up_t = ups.index_select(0, sample_index).transpose(1, 2)
+    hidden = torch.bmm(x.reshape(n, -1, x.shape[-1]), _per_sample(downs, sample_index))
+    up_t = _per_sample(ups, sample_index)
     if out.is_contiguous() and not (torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad)):
         out.view(n, -1, out.shape[-1]).baddbmm_(hidden, up_t)
         return out
@@ -108,8 +116,8 @@ def fused_batched_branches(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     downs, ups = _stacked_factors(branches, bias)
     n, out_features = sample_index.numel(), weight.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1])
-    hidden = torch.bmm(x3, downs.index_select(0, sample_index).transpose(1, 2))
-    out = torch.bmm(hidden if bias is None else _with_ones(hidden), ups.index_select(0, sample_index).transpose(1, 2))
+    hidden = torch.bmm(x3, _per_sample(downs, sample_index))
+    out = torch.bmm(hidden if bias is None else _with_ones(hidden), _per_sample(ups, sample_index))
     out.view(-1, out_features).addmm_(x3.reshape(-1, x.shape[-1]), weight.t())
     return out.view(*x.shape[:-1], out_features)
 
